@@ -1,0 +1,960 @@
+//! The HTTP API under `/api/v1/`: JSON in and out, bearer API keys, every
+//! query scoped to the caller's organization. Domain types are converted to
+//! their JSON shape here and nowhere else.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, JsonRejection};
+use axum::extract::{DefaultBodyLimit, OriginalUri, Path, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use chrono::{DateTime, SecondsFormat, Utc};
+use muster_common::bundle::{Bundle, BundleError, Limits};
+use muster_common::pki::CertificateAuthority;
+use muster_common::plan::{self, PlanError};
+use muster_common::token::{self, TokenKind};
+use muster_common::workspace::{self, LoadedWorkspace};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+use crate::auth::Caller;
+use crate::dispatch::Dispatcher;
+use crate::error::{Code, ServiceError};
+use crate::store::{
+    ApiKey, NewApiKey, NewJoinToken, NewRun, Page, Role, Run, RunFilter, RunStatus, Runner, Scope,
+    Store, Workspace,
+};
+
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Arc<dyn Store>,
+    pub dispatcher: Arc<Dispatcher>,
+    pub ca: Arc<CertificateAuthority>,
+    pub max_bundle_bytes: u64,
+}
+
+type ApiResult<T> = Result<T, ServiceError>;
+
+pub fn router(state: AppState) -> Router {
+    let bundle_limit = state.max_bundle_bytes as usize;
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route(
+            "/api/v1/organizations/",
+            get(list_organizations).post(create_organization),
+        )
+        .route("/api/v1/api-keys/", get(list_api_keys).post(create_api_key))
+        .route("/api/v1/api-keys/{id}/", delete(revoke_api_key))
+        .route(
+            "/api/v1/workspaces/",
+            get(list_workspaces)
+                .post(push_workspace)
+                .layer(DefaultBodyLimit::max(bundle_limit)),
+        )
+        .route("/api/v1/workspaces/{name}/", get(get_workspace))
+        .route("/api/v1/workspaces/{name}/actions", post(trigger))
+        .route("/api/v1/workspaces/{name}/actions/", post(trigger))
+        .route("/api/v1/action-runs/", get(list_runs))
+        .route("/api/v1/action-runs/{id}/", get(get_run))
+        .route("/api/v1/action-runs/{id}/logs/", get(run_logs))
+        .route("/api/v1/runners/", get(list_runners))
+        .route("/api/v1/runners/join-tokens/", post(create_join_token))
+        .fallback(|| async {
+            ServiceError::not_found("no such endpoint; the API lives under /api/v1/")
+        })
+        // JSON bodies are small; bundles have their own limit above.
+        .layer(DefaultBodyLimit::max(1024 * 1024))
+        .with_state(state)
+}
+
+async fn readyz(State(state): State<AppState>) -> Response {
+    match state
+        .store
+        .list_organizations(Scope::Org(Uuid::nil()))
+        .await
+    {
+        Ok(_) => (StatusCode::OK, "ready\n").into_response(),
+        Err(error) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {error}\n"),
+        )
+            .into_response(),
+    }
+}
+
+// ---- helpers ------------------------------------------------------------
+
+fn time(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+fn opt_time(t: Option<DateTime<Utc>>) -> Value {
+    t.map(|t| Value::String(time(t))).unwrap_or(Value::Null)
+}
+
+fn json_body<T>(body: Result<Json<T>, JsonRejection>) -> ApiResult<T> {
+    match body {
+        Ok(Json(v)) => Ok(v),
+        Err(rejection) => {
+            let code = if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                Code::TooLarge
+            } else {
+                Code::BadRequest
+            };
+            Err(ServiceError::new(
+                code,
+                format!("invalid JSON body: {}", rejection.body_text()),
+            ))
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+pub struct PageQuery {
+    page: Option<String>,
+    page_size: Option<String>,
+}
+
+fn page_of(q: &PageQuery) -> ApiResult<Page> {
+    let parse = |v: &Option<String>, name: &str, default: u32, max: u32| -> ApiResult<u32> {
+        match v {
+            None => Ok(default),
+            Some(s) => match s.parse::<u32>() {
+                Ok(n) if n >= 1 && n <= max => Ok(n),
+                _ => Err(ServiceError::bad_request(format!(
+                    "{name}: expected a whole number from 1 to {max}, found '{s}'"
+                ))),
+            },
+        }
+    };
+    Ok(Page {
+        page: parse(&q.page, "page", 1, u32::MAX / 1000)?,
+        page_size: parse(&q.page_size, "page_size", 50, 500)?,
+    })
+}
+
+/// `{count, next, previous, results}` with links that keep the other query
+/// parameters.
+fn paginated(
+    uri: &axum::http::Uri,
+    headers: &HeaderMap,
+    page: Page,
+    count: i64,
+    results: Vec<Value>,
+) -> Value {
+    let link = |n: u32| {
+        let mut pairs: Vec<(String, String)> = uri
+            .query()
+            .map(|q| {
+                q.split('&')
+                    .filter_map(|kv| {
+                        kv.split_once('=')
+                            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                    })
+                    .filter(|(k, _)| k != "page")
+                    .collect()
+            })
+            .unwrap_or_default();
+        pairs.push(("page".into(), n.to_string()));
+        let query: Vec<String> = pairs.into_iter().map(|(k, v)| format!("{k}={v}")).collect();
+        format!("{}{}?{}", base_url(headers), uri.path(), query.join("&"))
+    };
+    let last_page = ((count.max(0) as u64).div_ceil(u64::from(page.page_size))).max(1);
+    let next = (u64::from(page.page) < last_page).then(|| link(page.page + 1));
+    let previous = (page.page > 1).then(|| link(page.page - 1));
+    json!({ "count": count, "next": next, "previous": previous, "results": results })
+}
+
+fn base_url(headers: &HeaderMap) -> String {
+    headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(|h| format!("http://{h}"))
+        .unwrap_or_default()
+}
+
+fn parse_id(s: &str, what: &str) -> ApiResult<Uuid> {
+    Uuid::parse_str(s).map_err(|_| ServiceError::not_found(format!("{what} '{s}' not found")))
+}
+
+// ---- organizations ------------------------------------------------------
+
+fn organization_json(o: &crate::store::Organization) -> Value {
+    json!({ "id": o.id, "name": o.name, "created_at": time(o.created_at) })
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewOrganization {
+    name: String,
+}
+
+async fn create_organization(
+    State(state): State<AppState>,
+    caller: Caller,
+    body: Result<Json<NewOrganization>, JsonRejection>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    caller.require(Role::SuperAdmin, "create organizations")?;
+    let body = json_body(body)?;
+    if !workspace::is_valid_name(&body.name) {
+        return Err(ServiceError::bad_request(format!(
+            "name: '{}' is not a valid name (letters first, then letters, digits, '-', '_' or '/')",
+            body.name
+        )));
+    }
+    let org = state
+        .store
+        .create_organization(&body.name)
+        .await
+        .map_err(|e| match e {
+            crate::store::StoreError::Conflict(_) => ServiceError::new(
+                Code::Conflict,
+                format!("organization '{}' already exists", body.name),
+            ),
+            other => other.into(),
+        })?;
+    Ok((StatusCode::CREATED, Json(organization_json(&org))))
+}
+
+async fn list_organizations(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> ApiResult<Json<Value>> {
+    let orgs = state.store.list_organizations(caller.scope()).await?;
+    let count = orgs.len();
+    Ok(Json(
+        json!({ "count": count, "next": null, "previous": null, "results": orgs.iter().map(organization_json).collect::<Vec<_>>() }),
+    ))
+}
+
+// ---- API keys -----------------------------------------------------------
+
+fn api_key_json(k: &ApiKey) -> Value {
+    json!({
+        "id": k.id,
+        "name": k.name,
+        "prefix": k.prefix,
+        "identity_id": k.identity_id,
+        "created_at": time(k.created_at),
+        "expires_at": opt_time(k.expires_at),
+        "last_used_at": opt_time(k.last_used_at),
+        "revoked": k.revoked_at.is_some(),
+        "revoked_at": opt_time(k.revoked_at),
+    })
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewApiKeyBody {
+    name: String,
+    expires_at: Option<DateTime<Utc>>,
+    /// Create the key for a new service identity of this name (with `role`)
+    /// instead of for the caller.
+    identity: Option<String>,
+    role: Option<String>,
+    /// Super admins only: the organization of the new identity.
+    organization: Option<String>,
+}
+
+async fn create_api_key(
+    State(state): State<AppState>,
+    caller: Caller,
+    body: Result<Json<NewApiKeyBody>, JsonRejection>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let body = json_body(body)?;
+    if body.name.trim().is_empty() || body.name.len() > 128 {
+        return Err(ServiceError::bad_request(
+            "name: expected 1 to 128 characters",
+        ));
+    }
+    if body.expires_at.is_some_and(|t| t <= Utc::now()) {
+        return Err(ServiceError::bad_request(
+            "expires_at: must be in the future",
+        ));
+    }
+    let identity = match &body.identity {
+        None => {
+            if body.role.is_some() || body.organization.is_some() {
+                return Err(ServiceError::bad_request(
+                    "role and organization need identity: they describe a new identity",
+                ));
+            }
+            caller.identity.clone()
+        }
+        Some(name) => {
+            caller.require(Role::OrgAdmin, "create identities")?;
+            let role_name = body.role.as_deref().unwrap_or("user");
+            let role = Role::parse(role_name).ok_or_else(|| {
+                ServiceError::bad_request(format!(
+                    "role: expected one of viewer, user, workspace_admin, org_admin, super_admin; found '{role_name}'"
+                ))
+            })?;
+            if role > caller.identity.role {
+                return Err(ServiceError::forbidden(format!(
+                    "role: cannot grant {} above your own role",
+                    role.as_str()
+                )));
+            }
+            let org_id = match &body.organization {
+                None => caller.identity.org_id,
+                Some(org) => {
+                    caller.require(
+                        Role::SuperAdmin,
+                        "create identities in another organization",
+                    )?;
+                    state
+                        .store
+                        .organization_by_name(org)
+                        .await?
+                        .ok_or_else(|| {
+                            ServiceError::unprocessable(format!(
+                                "organization: '{org}' does not exist"
+                            ))
+                        })?
+                        .id
+                }
+            };
+            state
+                .store
+                .create_identity(org_id, name, role)
+                .await
+                .map_err(|e| match e {
+                    crate::store::StoreError::Conflict(_) => ServiceError::new(
+                        Code::Conflict,
+                        format!("identity '{name}' already exists in that organization"),
+                    ),
+                    other => other.into(),
+                })?
+        }
+    };
+    let secret = token::generate(TokenKind::ApiKey);
+    let key = state
+        .store
+        .create_api_key(NewApiKey {
+            identity_id: identity.id,
+            org_id: identity.org_id,
+            name: body.name.clone(),
+            prefix: token::display_prefix(&secret),
+            token_hash: token::hash(&secret),
+            expires_at: body.expires_at,
+        })
+        .await?;
+    tracing::info!(key_id = %key.id, identity = %identity.name, by = %caller.identity.name, "api key created");
+    let mut out = api_key_json(&key);
+    out["key"] = Value::String(secret);
+    out["identity"] = Value::String(identity.name.clone());
+    out["organization"] = Value::String(identity.org_name.clone());
+    out["role"] = Value::String(identity.role.as_str().to_owned());
+    Ok((StatusCode::CREATED, Json(out)))
+}
+
+async fn list_api_keys(
+    State(state): State<AppState>,
+    caller: Caller,
+    OriginalUri(uri): OriginalUri,
+    headers: HeaderMap,
+    Query(q): Query<PageQuery>,
+) -> ApiResult<Json<Value>> {
+    caller.require(Role::OrgAdmin, "list API keys")?;
+    let page = page_of(&q)?;
+    let (count, keys) = state.store.list_api_keys(caller.scope(), page).await?;
+    Ok(Json(paginated(
+        &uri,
+        &headers,
+        page,
+        count,
+        keys.iter().map(api_key_json).collect(),
+    )))
+}
+
+async fn revoke_api_key(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    let id = parse_id(&id, "API key")?;
+    // Anyone may revoke their own key; admins any key of their organization.
+    if id != caller.key_id {
+        caller.require(Role::OrgAdmin, "revoke other API keys")?;
+    }
+    if state
+        .store
+        .revoke_api_key(caller.scope(), id, Utc::now())
+        .await?
+    {
+        tracing::info!(key_id = %id, by = %caller.identity.name, "api key revoked");
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ServiceError::not_found(format!("API key '{id}' not found")))
+    }
+}
+
+// ---- workspaces ---------------------------------------------------------
+
+fn loaded_model(ws: &Workspace) -> ApiResult<LoadedWorkspace> {
+    serde_json::from_value(ws.model.clone()).map_err(|e| {
+        tracing::error!(workspace = %ws.name, error = %e, "stored workspace model does not parse");
+        ServiceError::new(
+            Code::Internal,
+            "stored workspace model is unreadable; push the workspace again",
+        )
+    })
+}
+
+fn workspace_json(ws: &Workspace, model: &LoadedWorkspace) -> Value {
+    let blocks: Vec<Value> = model
+        .blocks
+        .values()
+        .map(|b| {
+            json!({
+                "name": b.name,
+                "version": b.version,
+                "kind": b.kind,
+                "from": b.from,
+                "actions": b.actions.iter().map(|a| json!({
+                    "name": a.name,
+                    "description": a.description,
+                    "kind": match a.kind { workspace::ActionKind::Playbook(_) => "playbook", workspace::ActionKind::Script(_) => "script" },
+                })).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    json!({
+        "id": ws.id,
+        "name": ws.name,
+        "organization": ws.organization,
+        "description": model.workspace.description,
+        "digest": ws.bundle_digest,
+        "blocks": blocks,
+        "created_at": time(ws.created_at),
+        "updated_at": time(ws.updated_at),
+    })
+}
+
+fn bundle_error(e: BundleError) -> ServiceError {
+    match e {
+        BundleError::TooLarge { .. } => {
+            ServiceError::new(Code::TooLarge, format!("workspace bundle refused: {e}"))
+        }
+        other => ServiceError::bad_request(format!("workspace bundle refused: {other}")),
+    }
+}
+
+async fn push_workspace(
+    State(state): State<AppState>,
+    caller: Caller,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    caller.require(Role::WorkspaceAdmin, "push workspaces")?;
+    let body = body.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ServiceError::new(
+                Code::TooLarge,
+                format!(
+                    "workspace bundle is larger than the coordinator's limit of {} MiB",
+                    state.max_bundle_bytes / (1024 * 1024)
+                ),
+            )
+        } else {
+            ServiceError::bad_request(format!(
+                "could not read the request body: {}",
+                rejection.body_text()
+            ))
+        }
+    })?;
+    if body.is_empty() {
+        return Err(ServiceError::bad_request(
+            "the request body is empty; send the workspace as a gzip'd tar archive",
+        ));
+    }
+    let limits = Limits {
+        max_compressed_bytes: state.max_bundle_bytes,
+        ..Limits::default()
+    };
+    // Unpacking, hashing and compressing are CPU work: keep them off the executor.
+    let (bundle, loaded, digest, canonical) =
+        tokio::task::spawn_blocking(move || -> ApiResult<_> {
+            let bundle = Bundle::from_tar_gz(&body, &limits).map_err(bundle_error)?;
+            let loaded =
+                workspace::load(&bundle).map_err(|e| ServiceError::unprocessable(e.to_string()))?;
+            let digest = bundle.digest();
+            let canonical = bundle.to_tar_gz();
+            Ok((bundle, loaded, digest, canonical))
+        })
+        .await
+        .map_err(|_| ServiceError::new(Code::Internal, "bundle processing panicked"))??;
+    drop(bundle);
+
+    let org_name = loaded.workspace.organization.clone();
+    let org_id = match caller.scope() {
+        Scope::Org(own) => {
+            if org_name != caller.identity.org_name {
+                return Err(ServiceError::unprocessable(format!(
+                    "workspace.poly: organization '{org_name}' is not the organization of this API key ('{}')",
+                    caller.identity.org_name
+                )));
+            }
+            own
+        }
+        Scope::All => match state.store.organization_by_name(&org_name).await? {
+            Some(org) => org.id,
+            None => state.store.create_organization(&org_name).await?.id,
+        },
+    };
+    let model = serde_json::to_value(&loaded)
+        .map_err(|e| ServiceError::new(Code::Internal, e.to_string()))?;
+    let ws = state
+        .store
+        .put_workspace(org_id, &loaded.workspace.name, &digest, &model, &canonical)
+        .await?;
+    tracing::info!(workspace = %ws.name, organization = %ws.organization, digest = %digest, by = %caller.identity.name, "workspace pushed");
+    Ok((StatusCode::CREATED, Json(workspace_json(&ws, &loaded))))
+}
+
+async fn list_workspaces(
+    State(state): State<AppState>,
+    caller: Caller,
+    OriginalUri(uri): OriginalUri,
+    headers: HeaderMap,
+    Query(q): Query<PageQuery>,
+) -> ApiResult<Json<Value>> {
+    let page = page_of(&q)?;
+    let (count, list) = state.store.list_workspaces(caller.scope(), page).await?;
+    let results = list
+        .iter()
+        .map(|ws| loaded_model(ws).map(|m| workspace_json(ws, &m)))
+        .collect::<ApiResult<Vec<_>>>()?;
+    Ok(Json(paginated(&uri, &headers, page, count, results)))
+}
+
+#[derive(Debug, Deserialize)]
+pub struct OrgQuery {
+    organization: Option<String>,
+}
+
+/// Finds the workspace a caller means by name. Another organization's
+/// workspace is "not found", never "forbidden", so existence does not leak.
+async fn find_workspace(
+    state: &AppState,
+    caller: &Caller,
+    name: &str,
+    org: Option<&str>,
+) -> ApiResult<Workspace> {
+    let mut found = state.store.workspaces_named(caller.scope(), name).await?;
+    if let Some(org) = org {
+        found.retain(|w| w.organization == org);
+    }
+    match found.len() {
+        0 => Err(ServiceError::not_found(format!(
+            "workspace '{name}' not found"
+        ))),
+        1 => Ok(found.remove(0)),
+        _ => {
+            Err(ServiceError::new(
+                Code::Conflict,
+                format!(
+                "workspace '{name}' exists in several organizations ({}); add ?organization=<name>",
+                found.iter().map(|w| w.organization.as_str()).collect::<Vec<_>>().join(", ")
+            ),
+            ))
+        }
+    }
+}
+
+async fn get_workspace(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+    Query(q): Query<OrgQuery>,
+) -> ApiResult<Json<Value>> {
+    let ws = find_workspace(&state, &caller, &name, q.organization.as_deref()).await?;
+    let model = loaded_model(&ws)?;
+    Ok(Json(workspace_json(&ws, &model)))
+}
+
+// ---- runs ---------------------------------------------------------------
+
+#[derive(Debug, Deserialize)]
+pub struct TriggerBody {
+    block: String,
+    action: String,
+    reason: Option<String>,
+    #[serde(default)]
+    parameters: TriggerParameters,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct TriggerParameters {
+    #[serde(default)]
+    extra_vars: Option<Value>,
+    /// Only runners carrying all these labels may take the run.
+    #[serde(default)]
+    runner_labels: BTreeMap<String, String>,
+    /// The CI system that triggered the run, when the caller says so.
+    #[serde(default)]
+    ci: Option<String>,
+}
+
+/// The CI system, from what the caller says or its User-Agent.
+fn ci_system(headers: &HeaderMap, declared: Option<&str>) -> Option<String> {
+    if let Some(ci) = declared.or_else(|| headers.get("x-muster-ci").and_then(|v| v.to_str().ok()))
+    {
+        return Some(ci.chars().take(64).collect());
+    }
+    let agent = headers
+        .get(header::USER_AGENT)?
+        .to_str()
+        .ok()?
+        .to_ascii_lowercase();
+    [
+        ("gitlab", "gitlab-ci"),
+        ("github", "github-actions"),
+        ("jenkins", "jenkins"),
+        ("buildkite", "buildkite"),
+    ]
+    .into_iter()
+    .find(|(needle, _)| agent.contains(needle))
+    .map(|(_, name)| name.to_owned())
+}
+
+pub fn run_json(base: &str, run: &Run) -> Value {
+    json!({
+        "id": run.id,
+        "url": format!("{base}/api/v1/action-runs/{}/", run.id),
+        "logs_url": format!("{base}/api/v1/action-runs/{}/logs/", run.id),
+        "workspace": run.workspace,
+        "organization": run.organization,
+        "block": run.block,
+        "block_version": run.block_version,
+        "action": run.action,
+        "status": run.status.as_str(),
+        "exit_code": run.exit_code,
+        "error": run.error,
+        "reason": run.reason,
+        "parameters": run.parameters,
+        "trigger": run.trigger,
+        "runner": run.runner_name,
+        "runner_id": run.runner_id,
+        "executor": run.executor,
+        "image": run.image,
+        "image_digest": run.image_digest,
+        "bundle_digest": run.bundle_digest,
+        "attempt": run.attempt,
+        "fencing_token": run.fencing_token,
+        "created_at": time(run.created_at),
+        "leased_at": opt_time(run.leased_at),
+        "started_at": opt_time(run.started_at),
+        "finished_at": opt_time(run.finished_at),
+    })
+}
+
+async fn trigger(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+    Query(q): Query<OrgQuery>,
+    headers: HeaderMap,
+    body: Result<Json<TriggerBody>, JsonRejection>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let body = json_body(body)?;
+    let ws = find_workspace(&state, &caller, &name, q.organization.as_deref()).await?;
+    caller.require(Role::User, "trigger runs")?;
+    let extra_vars = match body.parameters.extra_vars {
+        None | Some(Value::Null) => serde_json::Map::new(),
+        Some(Value::Object(map)) => map,
+        Some(other) => {
+            return Err(ServiceError::bad_request(format!(
+                "parameters.extra_vars: expected an object of variables, found {}",
+                match other {
+                    Value::Array(_) => "an array",
+                    Value::String(_) => "a string",
+                    Value::Number(_) => "a number",
+                    _ => "a boolean",
+                }
+            )))
+        }
+    };
+    if body.reason.as_ref().is_some_and(|r| r.len() > 4096) {
+        return Err(ServiceError::bad_request(
+            "reason: longer than 4096 characters",
+        ));
+    }
+    let model = loaded_model(&ws)?;
+    let job = plan::plan(&model, &body.block, &body.action, &extra_vars).map_err(|e| match e {
+        PlanError::UnknownBlock { .. } | PlanError::UnknownAction { .. } => {
+            ServiceError::unprocessable(e.to_string())
+        }
+    })?;
+    let block_version = job.block_version.clone();
+    let trigger = json!({
+        "api_key": caller.key_name,
+        "api_key_id": caller.key_id,
+        "user": caller.identity.name,
+        "ci": ci_system(&headers, body.parameters.ci.as_deref()),
+        "user_agent": headers.get(header::USER_AGENT).and_then(|v| v.to_str().ok()).map(|s| s.chars().take(256).collect::<String>()),
+    });
+    let parameters = json!({ "extra_vars": Value::Object(extra_vars), "runner_labels": body.parameters.runner_labels });
+    let run = state
+        .store
+        .create_run(NewRun {
+            org_id: ws.org_id,
+            workspace_id: ws.id,
+            workspace: ws.name.clone(),
+            bundle_digest: ws.bundle_digest.clone(),
+            block: body.block,
+            block_version,
+            action: body.action,
+            parameters,
+            reason: body.reason,
+            trigger,
+            plan: serde_json::to_value(&job)
+                .map_err(|e| ServiceError::new(Code::Internal, e.to_string()))?,
+            runner_labels: body.parameters.runner_labels,
+        })
+        .await?;
+    state.dispatcher.wake();
+    tracing::info!(run_id = %run.id, workspace = %run.workspace, block = %run.block, action = %run.action, by = %caller.identity.name, "run queued");
+    let base = base_url(&headers);
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({
+            "id": run.id,
+            "status": run.status.as_str(),
+            "url": format!("{base}/api/v1/action-runs/{}/", run.id),
+            "logs_url": format!("{base}/api/v1/action-runs/{}/logs/", run.id),
+        })),
+    ))
+}
+
+#[derive(Debug, Deserialize)]
+pub struct RunQuery {
+    workspace: Option<String>,
+    block: Option<String>,
+    action: Option<String>,
+    status: Option<String>,
+    trigger: Option<String>,
+    #[serde(flatten)]
+    page: PageQuery,
+}
+
+async fn list_runs(
+    State(state): State<AppState>,
+    caller: Caller,
+    OriginalUri(uri): OriginalUri,
+    headers: HeaderMap,
+    Query(q): Query<RunQuery>,
+) -> ApiResult<Json<Value>> {
+    let page = page_of(&q.page)?;
+    let status = q
+        .status
+        .as_deref()
+        .map(|s| {
+            RunStatus::parse(s).ok_or_else(|| {
+                ServiceError::bad_request(format!(
+                    "status: expected one of {}; found '{s}'",
+                    RunStatus::ALL.map(RunStatus::as_str).join(", ")
+                ))
+            })
+        })
+        .transpose()?;
+    let filter = RunFilter {
+        workspace: q.workspace,
+        block: q.block,
+        action: q.action,
+        status,
+        trigger: q.trigger,
+    };
+    let (count, runs) = state.store.list_runs(caller.scope(), &filter, page).await?;
+    let base = base_url(&headers);
+    Ok(Json(paginated(
+        &uri,
+        &headers,
+        page,
+        count,
+        runs.iter().map(|r| run_json(&base, r)).collect(),
+    )))
+}
+
+async fn get_run(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult<Json<Value>> {
+    let id = parse_id(&id, "run")?;
+    let run = state
+        .store
+        .run(caller.scope(), id)
+        .await?
+        .ok_or_else(|| ServiceError::not_found(format!("run '{id}' not found")))?;
+    Ok(Json(run_json(&base_url(&headers), &run)))
+}
+
+#[derive(Debug, Deserialize)]
+pub struct LogQuery {
+    after_seq: Option<String>,
+}
+
+/// The run's log as plain text, in order. `?after_seq=N` returns only what
+/// came after chunk N; the `Muster-Last-Seq` header says where to continue and
+/// `Muster-Run-Status` whether more can come.
+async fn run_logs(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    Query(q): Query<LogQuery>,
+) -> ApiResult<Response> {
+    let id = parse_id(&id, "run")?;
+    let after = match q.after_seq.as_deref() {
+        None => 0,
+        Some(s) => s.parse::<i64>().ok().filter(|n| *n >= 0).ok_or_else(|| {
+            ServiceError::bad_request(format!("after_seq: expected a whole number, found '{s}'"))
+        })?,
+    };
+    // Read the status first: a run seen final here has its whole log stored.
+    let run = state
+        .store
+        .run(caller.scope(), id)
+        .await?
+        .ok_or_else(|| ServiceError::not_found(format!("run '{id}' not found")))?;
+    let mut text = Vec::new();
+    let mut last = after;
+    loop {
+        let chunks = state.store.logs(id, last, 1000).await?;
+        let Some(tail) = chunks.last() else { break };
+        last = tail.seq;
+        for chunk in &chunks {
+            text.extend_from_slice(&chunk.data);
+        }
+        if chunks.len() < 1000 {
+            break;
+        }
+    }
+    Ok((
+        [
+            (header::CONTENT_TYPE, "text/plain; charset=utf-8".to_owned()),
+            (
+                header::HeaderName::from_static("muster-last-seq"),
+                last.to_string(),
+            ),
+            (
+                header::HeaderName::from_static("muster-run-status"),
+                run.status.as_str().to_owned(),
+            ),
+        ],
+        text,
+    )
+        .into_response())
+}
+
+// ---- runners ------------------------------------------------------------
+
+fn runner_json(r: &Runner) -> Value {
+    json!({
+        "id": r.id,
+        "name": r.name,
+        "labels": r.labels,
+        "capacity": r.capacity,
+        "active_runs": r.active_runs,
+        "status": if r.revoked_at.is_some() { "revoked" } else if r.connected { "online" } else { "offline" },
+        "version": r.version,
+        "instance_wide": r.org_id.is_none(),
+        "certificate_expires_at": time(r.cert_not_after),
+        "created_at": time(r.created_at),
+        "last_seen_at": opt_time(r.last_seen_at),
+    })
+}
+
+async fn list_runners(
+    State(state): State<AppState>,
+    caller: Caller,
+    OriginalUri(uri): OriginalUri,
+    headers: HeaderMap,
+    Query(q): Query<PageQuery>,
+) -> ApiResult<Json<Value>> {
+    let page = page_of(&q)?;
+    let (count, runners) = state.store.list_runners(caller.scope(), page).await?;
+    Ok(Json(paginated(
+        &uri,
+        &headers,
+        page,
+        count,
+        runners.iter().map(runner_json).collect(),
+    )))
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JoinTokenBody {
+    /// Default true: the token enrolls one runner.
+    single_use: Option<bool>,
+    /// Seconds until the token expires; default one hour, at most 30 days.
+    expires_in: Option<u64>,
+    /// Super admins: the organization whose runs the runner takes; absent, the
+    /// runner serves every organization.
+    organization: Option<String>,
+}
+
+async fn create_join_token(
+    State(state): State<AppState>,
+    caller: Caller,
+    body: Option<Json<JoinTokenBody>>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    caller.require(Role::OrgAdmin, "create runner join tokens")?;
+    let body = body.map(|Json(b)| b).unwrap_or_default();
+    let expires_in = body.expires_in.unwrap_or(3600);
+    if !(60..=30 * 24 * 3600).contains(&expires_in) {
+        return Err(ServiceError::bad_request(format!(
+            "expires_in: expected 60 to 2592000 seconds, found {expires_in}"
+        )));
+    }
+    let org_id = match (caller.scope(), &body.organization) {
+        (Scope::Org(own), None) => Some(own),
+        (Scope::Org(_), Some(_)) => {
+            return Err(ServiceError::forbidden(
+                "organization: only super admins choose a runner's organization",
+            ))
+        }
+        (Scope::All, None) => None,
+        (Scope::All, Some(org)) => Some(
+            state
+                .store
+                .organization_by_name(org)
+                .await?
+                .ok_or_else(|| {
+                    ServiceError::unprocessable(format!("organization: '{org}' does not exist"))
+                })?
+                .id,
+        ),
+    };
+    let secret = token::generate(TokenKind::JoinToken);
+    let expires_at = Utc::now() + chrono::Duration::seconds(expires_in as i64);
+    let single_use = body.single_use.unwrap_or(true);
+    state
+        .store
+        .create_join_token(NewJoinToken {
+            token_hash: token::hash(&secret),
+            org_id,
+            created_by: caller.identity.id,
+            single_use,
+            expires_at,
+        })
+        .await?;
+    tracing::info!(by = %caller.identity.name, single_use, "runner join token created");
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({
+            "token": secret,
+            "ca_cert_hash": state.ca.hash(),
+            "expires_at": time(expires_at),
+            "single_use": single_use,
+            "organization": body.organization,
+        })),
+    ))
+}

@@ -1,0 +1,627 @@
+//! The gRPC runner service: enrollment, the runner's long-lived stream, and
+//! bundle downloads, behind a TLS acceptor and one authorization layer.
+
+use std::collections::{BTreeMap, HashSet};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use futures_util::StreamExt;
+use muster_common::pki::{runner_cert_info, CertificateAuthority, RunnerCert};
+use muster_common::token::{self, TokenKind};
+use muster_proto::runner::v1::runner_service_server::{RunnerService, RunnerServiceServer};
+use muster_proto::runner::v1::{
+    coordinator_message, runner_message, BundleChunk, CoordinatorMessage, EnrollRequest,
+    EnrollResponse, FetchBundleRequest, FinishedAck, LogAck, LogStream, Reject, RunFinished,
+    RunOutcome, RunnerMessage,
+};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::server::Connected;
+use tonic::{Request, Response, Status, Streaming};
+use uuid::Uuid;
+
+use crate::dispatch::Dispatcher;
+use crate::store::{
+    Fenced, JoinTokenRefusal, LogChunk, NewRunner, RunEnd, RunStart, RunStatus, Scope, Store,
+};
+use crate::tls::{Peer, ServerTls, ENROLL_SERVER_NAME};
+
+const ENROLL_PATH: &str = "/muster.runner.v1.RunnerService/Enroll";
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+const BUNDLE_CHUNK: usize = 1024 * 1024;
+const MAX_LOG_CHUNK: usize = 1024 * 1024;
+
+/// A TLS connection to the gRPC port and what its handshake proved.
+pub struct RunnerConn {
+    io: tokio_rustls::server::TlsStream<TcpStream>,
+    peer: Peer,
+}
+
+impl Connected for RunnerConn {
+    type ConnectInfo = Peer;
+    fn connect_info(&self) -> Peer {
+        self.peer.clone()
+    }
+}
+
+impl AsyncRead for RunnerConn {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for RunnerConn {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+/// Accepts TCP connections and completes their TLS handshakes concurrently.
+/// A client that asks for the enrollment name gets server-only TLS; every
+/// other client must present a certificate the CA signed, or the handshake
+/// fails.
+pub async fn accept_loop(
+    listener: TcpListener,
+    tls: ServerTls,
+    conns: mpsc::Sender<std::io::Result<RunnerConn>>,
+    shutdown: CancellationToken,
+) {
+    let enroll = tls.enroll;
+    let mutual = tls.mutual;
+    loop {
+        let (tcp, addr) = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(error) => {
+                    tracing::warn!(%error, "grpc accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = tcp.set_nodelay(true);
+        let (enroll, mutual, conns) = (enroll.clone(), mutual.clone(), conns.clone());
+        tokio::spawn(async move {
+            let handshake = async {
+                let start =
+                    tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp)
+                        .await?;
+                let enrolling = start.client_hello().server_name() == Some(ENROLL_SERVER_NAME);
+                let config = if enrolling { enroll } else { mutual };
+                let io = start.into_stream(config).await?;
+                let peer = if enrolling {
+                    Peer::Enrolling
+                } else {
+                    let cert = io
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .and_then(|c| c.first())
+                        .and_then(|c| runner_cert_info(c));
+                    match cert {
+                        Some(cert) => Peer::Runner(cert),
+                        None => {
+                            return Err(std::io::Error::new(
+                                std::io::ErrorKind::PermissionDenied,
+                                "client certificate is not a runner certificate",
+                            ))
+                        }
+                    }
+                };
+                Ok::<_, std::io::Error>(RunnerConn { io, peer })
+            };
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+                Ok(Ok(conn)) => {
+                    let _ = conns.send(Ok(conn)).await;
+                }
+                Ok(Err(error)) => {
+                    tracing::warn!(%addr, %error, "runner connection refused at the TLS handshake")
+                }
+                Err(_) => tracing::warn!(%addr, "runner TLS handshake timed out"),
+            }
+        });
+    }
+}
+
+/// The one place runner calls are authorized: enrollment connections may only
+/// enroll; every other call comes from a verified runner certificate.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct AuthorizeLayer;
+
+impl<S> tower::Layer<S> for AuthorizeLayer {
+    type Service = Authorize<S>;
+    fn layer(&self, inner: S) -> Authorize<S> {
+        Authorize { inner }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Authorize<S> {
+    inner: S,
+}
+
+impl<S, B> tower::Service<http::Request<B>> for Authorize<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = futures_util::future::Either<
+        S::Future,
+        futures_util::future::Ready<Result<S::Response, S::Error>>,
+    >;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let allowed = match req.extensions().get::<Peer>() {
+            Some(Peer::Runner(_)) => true,
+            Some(Peer::Enrolling) => req.uri().path() == ENROLL_PATH,
+            None => false,
+        };
+        if allowed {
+            futures_util::future::Either::Left(self.inner.call(req))
+        } else {
+            let status = Status::unauthenticated(
+                "this call needs a runner client certificate; enroll first",
+            );
+            futures_util::future::Either::Right(futures_util::future::ready(Ok(status.into_http())))
+        }
+    }
+}
+
+pub struct RunnerServiceImpl {
+    pub store: Arc<dyn Store>,
+    pub dispatcher: Arc<Dispatcher>,
+    pub ca: Arc<CertificateAuthority>,
+    pub runner_cert_validity: Duration,
+    pub shutdown: CancellationToken,
+}
+
+impl RunnerServiceImpl {
+    pub fn into_server(self) -> RunnerServiceServer<Self> {
+        RunnerServiceServer::new(self)
+    }
+}
+
+fn runner_of<T>(req: &Request<T>) -> Result<RunnerCert, Status> {
+    match req.extensions().get::<Peer>() {
+        Some(Peer::Runner(cert)) => Ok(cert.clone()),
+        _ => Err(Status::unauthenticated("no runner certificate")),
+    }
+}
+
+fn parse_uuid(s: &str, what: &str) -> Result<Uuid, Status> {
+    Uuid::parse_str(s).map_err(|_| Status::invalid_argument(format!("{what} '{s}' is not a UUID")))
+}
+
+fn ms_to_time(ms: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp_millis(ms).unwrap_or_else(Utc::now)
+}
+
+fn store_status(e: crate::store::StoreError) -> Status {
+    crate::error::ServiceError::from(e).into()
+}
+
+#[tonic::async_trait]
+impl RunnerService for RunnerServiceImpl {
+    async fn enroll(
+        &self,
+        request: Request<EnrollRequest>,
+    ) -> Result<Response<EnrollResponse>, Status> {
+        let req = request.into_inner();
+        token::validate(TokenKind::JoinToken, &req.join_token)
+            .map_err(|e| Status::unauthenticated(format!("join token refused: {e}")))?;
+        if req.capacity == 0 || req.capacity > 1024 {
+            return Err(Status::invalid_argument(format!(
+                "capacity {} is out of range, expected 1 to 1024",
+                req.capacity
+            )));
+        }
+        let name = req.name.trim();
+        if name.is_empty() || name.len() > 128 {
+            return Err(Status::invalid_argument(
+                "runner name must have 1 to 128 characters",
+            ));
+        }
+        let join = match self
+            .store
+            .consume_join_token(&token::hash(&req.join_token), Utc::now())
+            .await
+            .map_err(store_status)?
+        {
+            Ok(join) => join,
+            Err(
+                refusal @ (JoinTokenRefusal::Unknown
+                | JoinTokenRefusal::Expired
+                | JoinTokenRefusal::Used),
+            ) => {
+                tracing::warn!(reason = %refusal, runner = name, "enrollment refused");
+                return Err(Status::permission_denied(format!("{refusal}")));
+            }
+        };
+        let runner_id = Uuid::now_v7();
+        let issued = self
+            .ca
+            .sign_runner_csr(
+                &req.csr_pem,
+                &runner_id.to_string(),
+                self.runner_cert_validity,
+            )
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let labels: BTreeMap<String, String> = req.labels.into_iter().collect();
+        self.store
+            .create_runner(NewRunner {
+                id: runner_id,
+                org_id: join.org_id,
+                name: name.to_owned(),
+                labels,
+                capacity: req.capacity as i32,
+                cert_serial: issued.serial_hex.clone(),
+                cert_not_after: issued.not_after,
+            })
+            .await
+            .map_err(store_status)?;
+        tracing::info!(runner_id = %runner_id, runner = name, "runner enrolled");
+        Ok(Response::new(EnrollResponse {
+            runner_id: runner_id.to_string(),
+            certificate_pem: issued.pem,
+            ca_certificate_pem: self.ca.cert_pem().to_owned(),
+        }))
+    }
+
+    type SessionStream = ReceiverStream<Result<CoordinatorMessage, Status>>;
+
+    async fn session(
+        &self,
+        request: Request<Streaming<RunnerMessage>>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
+        let cert = runner_of(&request)?;
+        let runner_id = parse_uuid(&cert.runner_id, "runner id")?;
+        let runner = self
+            .store
+            .runner(runner_id)
+            .await
+            .map_err(store_status)?
+            .ok_or_else(|| Status::permission_denied("runner is not registered"))?;
+        if runner.revoked_at.is_some() || runner.cert_serial != cert.serial_hex {
+            return Err(Status::permission_denied(
+                "runner certificate is revoked or superseded",
+            ));
+        }
+        let mut inbound = request.into_inner();
+        let hello = match tokio::time::timeout(HELLO_TIMEOUT, inbound.next()).await {
+            Ok(Some(Ok(RunnerMessage {
+                kind: Some(runner_message::Kind::Hello(hello)),
+            }))) => hello,
+            Ok(Some(Err(status))) => return Err(status),
+            Ok(_) => {
+                return Err(Status::invalid_argument(
+                    "the first message on a stream must be Hello",
+                ))
+            }
+            Err(_) => return Err(Status::deadline_exceeded("no Hello within 10 s")),
+        };
+        let capacity = hello.capacity.clamp(1, 1024) as usize;
+        let labels: BTreeMap<String, String> = hello.labels.into_iter().collect();
+        self.store
+            .runner_connected(
+                runner_id,
+                &labels,
+                capacity as i32,
+                &hello.version,
+                Utc::now(),
+            )
+            .await
+            .map_err(store_status)?;
+
+        // Runs the database gives this runner but it no longer executes (it
+        // restarted) will never report back: record them as lost, not re-run.
+        let still_running: HashSet<(String, u64)> = hello
+            .active
+            .iter()
+            .map(|r| (r.run_id.clone(), r.fencing_token))
+            .collect();
+        let mut running = HashSet::new();
+        for run in self
+            .store
+            .active_runs_of_runner(runner_id)
+            .await
+            .map_err(store_status)?
+        {
+            if still_running.contains(&(run.id.to_string(), run.fencing_token as u64)) {
+                running.insert(run.id);
+                continue;
+            }
+            let end = RunEnd {
+                status: RunStatus::Lost,
+                exit_code: None,
+                error: Some("the runner restarted and no longer executes this run".into()),
+                last_seq: run.log_acked_seq,
+                finished_at: Utc::now(),
+            };
+            if self
+                .store
+                .finish_run(run.id, run.fencing_token, &end)
+                .await
+                .map_err(store_status)?
+                == Fenced::Applied
+            {
+                tracing::warn!(run_id = %run.id, runner_id = %runner_id, "run lost: its runner restarted");
+            }
+        }
+
+        let (outbox, rx) = mpsc::channel(256);
+        let session = self.dispatcher.connect(
+            runner_id,
+            runner.org_id,
+            labels,
+            capacity,
+            running,
+            outbox.clone(),
+        );
+        tracing::info!(runner_id = %runner_id, runner = %runner.name, capacity, "runner connected");
+
+        let store = self.store.clone();
+        let dispatcher = self.dispatcher.clone();
+        let shutdown = self.shutdown.clone();
+        tokio::spawn(async move {
+            let mut last_seen = tokio::time::Instant::now();
+            loop {
+                let message = tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    m = inbound.next() => m,
+                };
+                let message = match message {
+                    Some(Ok(m)) => m,
+                    Some(Err(status)) => {
+                        tracing::info!(runner_id = %runner_id, error = %status, "runner stream broke");
+                        break;
+                    }
+                    None => break,
+                };
+                if last_seen.elapsed() > Duration::from_secs(5) {
+                    last_seen = tokio::time::Instant::now();
+                    if let Err(error) = store.runner_seen(runner_id, Utc::now()).await {
+                        tracing::warn!(%error, "could not record runner heartbeat");
+                    }
+                }
+                if let Err(error) =
+                    handle_message(&*store, &dispatcher, runner_id, &outbox, message).await
+                {
+                    tracing::warn!(runner_id = %runner_id, %error, "runner message failed; closing its stream");
+                    let _ = outbox.send(Err(error)).await;
+                    break;
+                }
+            }
+            dispatcher.disconnect(runner_id, session);
+            if let Err(error) = store.runner_disconnected(runner_id, Utc::now()).await {
+                tracing::warn!(%error, "could not record runner disconnect");
+            }
+            tracing::info!(runner_id = %runner_id, "runner disconnected");
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    type FetchBundleStream = ReceiverStream<Result<BundleChunk, Status>>;
+
+    async fn fetch_bundle(
+        &self,
+        request: Request<FetchBundleRequest>,
+    ) -> Result<Response<Self::FetchBundleStream>, Status> {
+        let cert = runner_of(&request)?;
+        let req = request.into_inner();
+        let run_id = parse_uuid(&req.run_id, "run id")?;
+        let run = self
+            .store
+            .run(Scope::All, run_id)
+            .await
+            .map_err(store_status)?;
+        // A runner may read a bundle only while it holds a lease that pins it.
+        let entitled = run.is_some_and(|r| {
+            r.runner_id.map(|id| id.to_string()) == Some(cert.runner_id.clone())
+                && matches!(r.status, RunStatus::Leased | RunStatus::Running)
+                && r.bundle_digest == req.digest
+        });
+        if !entitled {
+            return Err(Status::permission_denied(
+                "no active lease of this runner pins that bundle",
+            ));
+        }
+        let bytes = self
+            .store
+            .bundle(&req.digest)
+            .await
+            .map_err(store_status)?
+            .ok_or_else(|| Status::not_found(format!("bundle {} is not stored", req.digest)))?;
+        let (tx, rx) = mpsc::channel(4);
+        tokio::spawn(async move {
+            for chunk in bytes.chunks(BUNDLE_CHUNK) {
+                if tx
+                    .send(Ok(BundleChunk {
+                        data: chunk.to_vec(),
+                    }))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+fn send(outbox: &crate::dispatch::Outbox, kind: coordinator_message::Kind) {
+    // A full outbox means the runner stopped reading; its stream is torn down
+    // by keep-alive, so dropping an acknowledgement here loses nothing: the
+    // runner resends what was not acknowledged.
+    let _ = outbox.try_send(Ok(CoordinatorMessage { kind: Some(kind) }));
+}
+
+fn reject(outbox: &crate::dispatch::Outbox, run_id: &str, token: u64, reason: &str) {
+    send(
+        outbox,
+        coordinator_message::Kind::Reject(Reject {
+            run_id: run_id.to_owned(),
+            fencing_token: token,
+            reason: reason.to_owned(),
+        }),
+    );
+}
+
+async fn handle_message(
+    store: &dyn Store,
+    dispatcher: &Dispatcher,
+    runner_id: Uuid,
+    outbox: &crate::dispatch::Outbox,
+    message: RunnerMessage,
+) -> Result<(), Status> {
+    use runner_message::Kind;
+    match message.kind {
+        None | Some(Kind::Hello(_)) => Err(Status::invalid_argument(
+            "unexpected message on an open stream",
+        )),
+        Some(Kind::Heartbeat(_)) => Ok(()),
+        Some(Kind::Started(started)) => {
+            let run_id = parse_uuid(&started.run_id, "run id")?;
+            let start = RunStart {
+                executor: started.executor,
+                image: Some(started.image).filter(|s| !s.is_empty()),
+                image_digest: Some(started.image_digest).filter(|s| !s.is_empty()),
+                started_at: ms_to_time(started.started_at_ms),
+            };
+            if store
+                .mark_running(run_id, started.fencing_token as i64, &start)
+                .await
+                .map_err(store_status)?
+                == Fenced::Stale
+            {
+                reject(
+                    outbox,
+                    &started.run_id,
+                    started.fencing_token,
+                    "this lease is no longer valid",
+                );
+            }
+            Ok(())
+        }
+        Some(Kind::Log(chunk)) => {
+            let run_id = parse_uuid(&chunk.run_id, "run id")?;
+            if chunk.seq == 0 || chunk.data.len() > MAX_LOG_CHUNK {
+                return Err(Status::invalid_argument(
+                    "log chunk with seq 0 or over 1 MiB",
+                ));
+            }
+            let stream = match LogStream::try_from(chunk.stream).unwrap_or(LogStream::Unspecified) {
+                LogStream::Stderr => 2,
+                LogStream::System => 3,
+                _ => 1,
+            };
+            let stored = LogChunk {
+                seq: chunk.seq as i64,
+                stream,
+                ts: ms_to_time(chunk.timestamp_ms),
+                data: chunk.data,
+            };
+            match store
+                .append_logs(
+                    run_id,
+                    chunk.fencing_token as i64,
+                    std::slice::from_ref(&stored),
+                )
+                .await
+                .map_err(store_status)?
+            {
+                Ok(acked) => send(
+                    outbox,
+                    coordinator_message::Kind::LogAck(LogAck {
+                        run_id: chunk.run_id,
+                        acked_seq: acked as u64,
+                    }),
+                ),
+                Err(Fenced::Stale | Fenced::Applied) => reject(
+                    outbox,
+                    &chunk.run_id,
+                    chunk.fencing_token,
+                    "this lease is no longer valid",
+                ),
+            }
+            Ok(())
+        }
+        Some(Kind::Finished(finished)) => {
+            finish(store, dispatcher, runner_id, outbox, finished).await
+        }
+    }
+}
+
+async fn finish(
+    store: &dyn Store,
+    dispatcher: &Dispatcher,
+    runner_id: Uuid,
+    outbox: &crate::dispatch::Outbox,
+    finished: RunFinished,
+) -> Result<(), Status> {
+    let run_id = parse_uuid(&finished.run_id, "run id")?;
+    let status = match RunOutcome::try_from(finished.outcome).unwrap_or(RunOutcome::Unspecified) {
+        RunOutcome::Succeeded => RunStatus::Succeeded,
+        RunOutcome::Canceled => RunStatus::Canceled,
+        RunOutcome::TimedOut => RunStatus::TimedOut,
+        RunOutcome::Failed | RunOutcome::Unspecified => RunStatus::Failed,
+    };
+    let end = RunEnd {
+        status,
+        exit_code: finished.exit_code,
+        error: Some(finished.error).filter(|e| !e.is_empty()),
+        last_seq: finished.last_seq as i64,
+        finished_at: ms_to_time(finished.finished_at_ms),
+    };
+    let outcome = store
+        .finish_run(run_id, finished.fencing_token as i64, &end)
+        .await
+        .map_err(store_status)?;
+    dispatcher.release(runner_id, run_id);
+    match outcome {
+        Fenced::Applied => {
+            tracing::info!(run_id = %run_id, status = status.as_str(), exit_code = ?end.exit_code, "run finished");
+            send(
+                outbox,
+                coordinator_message::Kind::FinishedAck(FinishedAck {
+                    run_id: finished.run_id,
+                }),
+            );
+        }
+        Fenced::Stale => reject(
+            outbox,
+            &finished.run_id,
+            finished.fencing_token,
+            "this lease is no longer valid",
+        ),
+    }
+    Ok(())
+}

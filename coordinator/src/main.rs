@@ -1,0 +1,41 @@
+//! `muster-coordinator`: parses its configuration and serves until SIGINT or
+//! SIGTERM.
+
+use clap::Parser;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(
+    name = "muster-coordinator",
+    version,
+    about = "Muster's coordinator: HTTP API and runner service"
+)]
+struct Cli {
+    #[command(flatten)]
+    config: muster_coordinator::Config,
+}
+
+#[tokio::main]
+async fn main() {
+    muster_common::telemetry::init();
+    let cli = Cli::parse();
+    let shutdown = CancellationToken::new();
+    let signal = shutdown.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        signal.cancel();
+    });
+    if let Err(error) = muster_coordinator::run(cli.config, shutdown).await {
+        eprintln!("muster-coordinator: {error:#}");
+        std::process::exit(2);
+    }
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

@@ -1,0 +1,448 @@
+//! The coordinator's persistent state behind one interface.
+//!
+//! `Store` is implemented by PostgreSQL (production; several coordinators may
+//! share it) and will be by embedded SQLite. Only this module knows SQL. Every
+//! query that reads tenant data takes a [`Scope`], so a request can only ever
+//! see its own organization's objects.
+
+pub mod postgres;
+
+use std::collections::BTreeMap;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use uuid::Uuid;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+    #[error("database error: {0}")]
+    Database(String),
+    #[error("{0} already exists")]
+    Conflict(String),
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// Which organizations a request may see: one, or all (super admins).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    All,
+    Org(Uuid),
+}
+
+impl Scope {
+    fn org(self) -> Option<Uuid> {
+        match self {
+            Scope::All => None,
+            Scope::Org(id) => Some(id),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    Viewer,
+    User,
+    WorkspaceAdmin,
+    OrgAdmin,
+    SuperAdmin,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Viewer => "viewer",
+            Role::User => "user",
+            Role::WorkspaceAdmin => "workspace_admin",
+            Role::OrgAdmin => "org_admin",
+            Role::SuperAdmin => "super_admin",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Role> {
+        Some(match s {
+            "viewer" => Role::Viewer,
+            "user" => Role::User,
+            "workspace_admin" => Role::WorkspaceAdmin,
+            "org_admin" => Role::OrgAdmin,
+            "super_admin" => Role::SuperAdmin,
+            _ => return None,
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Organization {
+    pub id: Uuid,
+    pub name: String,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub id: Uuid,
+    pub org_id: Uuid,
+    pub org_name: String,
+    pub name: String,
+    pub role: Role,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiKey {
+    pub id: Uuid,
+    pub identity_id: Uuid,
+    pub org_id: Uuid,
+    pub name: String,
+    pub prefix: String,
+    pub created_at: DateTime<Utc>,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub last_used_at: Option<DateTime<Utc>>,
+    pub revoked_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewApiKey {
+    pub identity_id: Uuid,
+    pub org_id: Uuid,
+    pub name: String,
+    pub prefix: String,
+    pub token_hash: String,
+    pub expires_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Workspace {
+    pub id: Uuid,
+    pub org_id: Uuid,
+    pub organization: String,
+    pub name: String,
+    pub bundle_digest: String,
+    /// The parsed `muster_common::workspace::LoadedWorkspace`, as JSON.
+    pub model: serde_json::Value,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunStatus {
+    Queued,
+    Leased,
+    Running,
+    Succeeded,
+    Failed,
+    Canceled,
+    TimedOut,
+    Lost,
+}
+
+impl RunStatus {
+    pub const ALL: [RunStatus; 8] = [
+        RunStatus::Queued,
+        RunStatus::Leased,
+        RunStatus::Running,
+        RunStatus::Succeeded,
+        RunStatus::Failed,
+        RunStatus::Canceled,
+        RunStatus::TimedOut,
+        RunStatus::Lost,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunStatus::Queued => "queued",
+            RunStatus::Leased => "leased",
+            RunStatus::Running => "running",
+            RunStatus::Succeeded => "succeeded",
+            RunStatus::Failed => "failed",
+            RunStatus::Canceled => "canceled",
+            RunStatus::TimedOut => "timed_out",
+            RunStatus::Lost => "lost",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<RunStatus> {
+        RunStatus::ALL.into_iter().find(|st| st.as_str() == s)
+    }
+
+    pub fn is_final(self) -> bool {
+        !matches!(
+            self,
+            RunStatus::Queued | RunStatus::Leased | RunStatus::Running
+        )
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Run {
+    pub id: Uuid,
+    pub org_id: Uuid,
+    pub organization: String,
+    pub workspace_id: Uuid,
+    pub workspace: String,
+    pub bundle_digest: String,
+    pub block: String,
+    pub block_version: Option<String>,
+    pub action: String,
+    pub parameters: serde_json::Value,
+    pub reason: Option<String>,
+    pub trigger: serde_json::Value,
+    pub plan: serde_json::Value,
+    pub runner_labels: BTreeMap<String, String>,
+    pub status: RunStatus,
+    pub exit_code: Option<i32>,
+    pub error: Option<String>,
+    pub runner_id: Option<Uuid>,
+    pub runner_name: Option<String>,
+    pub executor: Option<String>,
+    pub image: Option<String>,
+    pub image_digest: Option<String>,
+    pub fencing_token: i64,
+    pub attempt: i32,
+    pub log_acked_seq: i64,
+    pub created_at: DateTime<Utc>,
+    pub leased_at: Option<DateTime<Utc>>,
+    pub lease_expires_at: Option<DateTime<Utc>>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewRun {
+    pub org_id: Uuid,
+    pub workspace_id: Uuid,
+    pub workspace: String,
+    pub bundle_digest: String,
+    pub block: String,
+    pub block_version: Option<String>,
+    pub action: String,
+    pub parameters: serde_json::Value,
+    pub reason: Option<String>,
+    pub trigger: serde_json::Value,
+    pub plan: serde_json::Value,
+    pub runner_labels: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct RunFilter {
+    pub workspace: Option<String>,
+    pub block: Option<String>,
+    pub action: Option<String>,
+    pub status: Option<RunStatus>,
+    /// Matches the trigger's `api_key`, `user` or `ci` field.
+    pub trigger: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Page {
+    /// 1-based.
+    pub page: u32,
+    pub page_size: u32,
+}
+
+impl Page {
+    fn offset(self) -> i64 {
+        i64::from(self.page.saturating_sub(1)) * i64::from(self.page_size)
+    }
+}
+
+/// What a runner asks for when it has a free slot.
+#[derive(Debug, Clone)]
+pub struct Claim {
+    pub runner_id: Uuid,
+    /// `None`: an instance-wide runner, which serves every organization.
+    pub runner_org: Option<Uuid>,
+    pub labels: BTreeMap<String, String>,
+    pub lease_expires_at: DateTime<Utc>,
+}
+
+/// How a fenced update fared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fenced {
+    Applied,
+    /// The run is not held under this token (superseded, finished, unknown).
+    Stale,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogChunk {
+    pub seq: i64,
+    /// 1 stdout, 2 stderr, 3 system.
+    pub stream: i16,
+    pub ts: DateTime<Utc>,
+    pub data: Vec<u8>,
+}
+
+#[derive(Debug, Clone)]
+pub struct RunStart {
+    pub executor: String,
+    pub image: Option<String>,
+    pub image_digest: Option<String>,
+    pub started_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone)]
+pub struct RunEnd {
+    pub status: RunStatus,
+    pub exit_code: Option<i32>,
+    pub error: Option<String>,
+    pub last_seq: i64,
+    pub finished_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewJoinToken {
+    pub token_hash: String,
+    pub org_id: Option<Uuid>,
+    pub created_by: Uuid,
+    pub single_use: bool,
+    pub expires_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JoinToken {
+    pub id: Uuid,
+    pub org_id: Option<Uuid>,
+    pub single_use: bool,
+    pub expires_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum JoinTokenRefusal {
+    #[error("join token is not known")]
+    Unknown,
+    #[error("join token has expired")]
+    Expired,
+    #[error("join token was already used")]
+    Used,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Runner {
+    pub id: Uuid,
+    pub org_id: Option<Uuid>,
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub capacity: i32,
+    pub version: String,
+    pub cert_serial: String,
+    pub cert_not_after: DateTime<Utc>,
+    pub connected: bool,
+    pub created_at: DateTime<Utc>,
+    pub last_seen_at: Option<DateTime<Utc>>,
+    pub revoked_at: Option<DateTime<Utc>>,
+    pub active_runs: i64,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewRunner {
+    pub id: Uuid,
+    pub org_id: Option<Uuid>,
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub capacity: i32,
+    pub cert_serial: String,
+    pub cert_not_after: DateTime<Utc>,
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    // Organizations and identities.
+    async fn create_organization(&self, name: &str) -> Result<Organization>;
+    async fn organization_by_name(&self, name: &str) -> Result<Option<Organization>>;
+    async fn list_organizations(&self, scope: Scope) -> Result<Vec<Organization>>;
+    async fn create_identity(&self, org_id: Uuid, name: &str, role: Role) -> Result<Identity>;
+    /// Creates the first super admin and its key once per database; returns
+    /// false when the database was bootstrapped already (by this or another
+    /// coordinator).
+    async fn bootstrap(&self, admin_key: NewApiKeyForBootstrap) -> Result<bool>;
+
+    // API keys.
+    async fn create_api_key(&self, key: NewApiKey) -> Result<ApiKey>;
+    /// Finds a usable key by hash (not revoked, not expired) and records its use.
+    async fn authenticate_api_key(
+        &self,
+        token_hash: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Option<(ApiKey, Identity)>>;
+    async fn list_api_keys(&self, scope: Scope, page: Page) -> Result<(i64, Vec<ApiKey>)>;
+    async fn revoke_api_key(&self, scope: Scope, id: Uuid, now: DateTime<Utc>) -> Result<bool>;
+
+    // Workspaces and bundles.
+    async fn put_workspace(
+        &self,
+        org_id: Uuid,
+        name: &str,
+        digest: &str,
+        model: &serde_json::Value,
+        bundle: &[u8],
+    ) -> Result<Workspace>;
+    async fn workspaces_named(&self, scope: Scope, name: &str) -> Result<Vec<Workspace>>;
+    async fn list_workspaces(&self, scope: Scope, page: Page) -> Result<(i64, Vec<Workspace>)>;
+    async fn bundle(&self, digest: &str) -> Result<Option<Vec<u8>>>;
+
+    // Runs.
+    async fn create_run(&self, run: NewRun) -> Result<Run>;
+    async fn run(&self, scope: Scope, id: Uuid) -> Result<Option<Run>>;
+    async fn list_runs(
+        &self,
+        scope: Scope,
+        filter: &RunFilter,
+        page: Page,
+    ) -> Result<(i64, Vec<Run>)>;
+    /// Atomically leases the oldest queued run this runner may take, with a
+    /// new fencing token. Two coordinators never lease one run twice.
+    async fn claim_run(&self, claim: &Claim) -> Result<Option<Run>>;
+    /// Puts a leased run back in the queue when its lease could not be delivered.
+    async fn release_lease(&self, id: Uuid, token: i64) -> Result<Fenced>;
+    async fn mark_running(&self, id: Uuid, token: i64, start: &RunStart) -> Result<Fenced>;
+    async fn finish_run(&self, id: Uuid, token: i64, end: &RunEnd) -> Result<Fenced>;
+    /// Stores chunks once per `(run, seq)` and returns the highest contiguous
+    /// stored seq, or `Stale` when the token does not hold the run.
+    async fn append_logs(
+        &self,
+        id: Uuid,
+        token: i64,
+        chunks: &[LogChunk],
+    ) -> Result<std::result::Result<i64, Fenced>>;
+    async fn logs(&self, id: Uuid, after_seq: i64, limit: i64) -> Result<Vec<LogChunk>>;
+    async fn active_runs_of_runner(&self, runner_id: Uuid) -> Result<Vec<Run>>;
+
+    // Runners.
+    async fn create_join_token(&self, token: NewJoinToken) -> Result<JoinToken>;
+    /// Checks a join token and, if single-use, marks it used, atomically.
+    async fn consume_join_token(
+        &self,
+        token_hash: &str,
+        now: DateTime<Utc>,
+    ) -> Result<std::result::Result<JoinToken, JoinTokenRefusal>>;
+    async fn create_runner(&self, runner: NewRunner) -> Result<Runner>;
+    async fn runner(&self, id: Uuid) -> Result<Option<Runner>>;
+    async fn list_runners(&self, scope: Scope, page: Page) -> Result<(i64, Vec<Runner>)>;
+    async fn runner_connected(
+        &self,
+        id: Uuid,
+        labels: &BTreeMap<String, String>,
+        capacity: i32,
+        version: &str,
+        now: DateTime<Utc>,
+    ) -> Result<()>;
+    async fn runner_seen(&self, id: Uuid, now: DateTime<Utc>) -> Result<()>;
+    async fn runner_disconnected(&self, id: Uuid, now: DateTime<Utc>) -> Result<()>;
+}
+
+/// The first admin: created with its organization, identity and key together.
+#[derive(Debug, Clone)]
+pub struct NewApiKeyForBootstrap {
+    pub org_name: String,
+    pub identity_name: String,
+    pub key_name: String,
+    pub prefix: String,
+    pub token_hash: String,
+}

@@ -1,0 +1,922 @@
+//! The PostgreSQL store: the production backend, shareable by several
+//! coordinators. Runs are claimed with `FOR UPDATE SKIP LOCKED` in one
+//! statement, and no transaction is ever held while a job runs.
+
+use std::collections::BTreeMap;
+use std::str::FromStr;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use tokio_postgres::error::SqlState;
+use tokio_postgres::{NoTls, Row};
+use uuid::Uuid;
+
+use super::*;
+
+/// Forward-only migrations, applied in order at start.
+const MIGRATIONS: &[(i32, &str)] = &[(1, include_str!("migrations/postgres/0001_init.sql"))];
+
+/// Serialises schema changes between coordinators starting at once.
+const MIGRATION_LOCK: i64 = 0x6d75_7374_6572;
+
+pub struct PgStore {
+    pool: Pool,
+}
+
+impl std::fmt::Debug for PgStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgStore")
+            .field("status", &self.pool.status())
+            .finish()
+    }
+}
+
+fn db_err(e: tokio_postgres::Error) -> StoreError {
+    if let Some(db) = e.as_db_error() {
+        if *db.code() == SqlState::UNIQUE_VIOLATION {
+            return StoreError::Conflict(db.detail().unwrap_or(db.message()).to_owned());
+        }
+        return StoreError::Database(db.message().to_owned());
+    }
+    if e.is_closed() {
+        return StoreError::Unavailable(e.to_string());
+    }
+    StoreError::Database(e.to_string())
+}
+
+fn pool_err(e: deadpool_postgres::PoolError) -> StoreError {
+    match e {
+        deadpool_postgres::PoolError::Backend(e) => db_err(e),
+        other => StoreError::Unavailable(other.to_string()),
+    }
+}
+
+fn labels_json(labels: &BTreeMap<String, String>) -> serde_json::Value {
+    serde_json::to_value(labels).unwrap_or_default()
+}
+
+fn labels_from(v: serde_json::Value) -> Result<BTreeMap<String, String>> {
+    serde_json::from_value(v).map_err(|e| StoreError::Corrupt(format!("labels: {e}")))
+}
+
+const RUN_SELECT: &str = "SELECT r.id, r.org_id, o.name AS organization, r.workspace_id, r.workspace, \
+    r.bundle_digest, r.block, r.block_version, r.action, r.parameters, r.reason, r.trigger, r.plan, \
+    r.runner_labels, r.status, r.exit_code, r.error, r.runner_id, rn.name AS runner_name, r.executor, \
+    r.image, r.image_digest, r.fencing_token, r.attempt, r.log_acked_seq, r.created_at, r.leased_at, \
+    r.lease_expires_at, r.started_at, r.finished_at \
+    FROM runs r JOIN organizations o ON o.id = r.org_id LEFT JOIN runners rn ON rn.id = r.runner_id";
+
+fn run_from_row(row: &Row) -> Result<Run> {
+    let status: String = row.get("status");
+    Ok(Run {
+        id: row.get("id"),
+        org_id: row.get("org_id"),
+        organization: row.get("organization"),
+        workspace_id: row.get("workspace_id"),
+        workspace: row.get("workspace"),
+        bundle_digest: row.get("bundle_digest"),
+        block: row.get("block"),
+        block_version: row.get("block_version"),
+        action: row.get("action"),
+        parameters: row.get("parameters"),
+        reason: row.get("reason"),
+        trigger: row.get("trigger"),
+        plan: row.get("plan"),
+        runner_labels: labels_from(row.get("runner_labels"))?,
+        status: RunStatus::parse(&status)
+            .ok_or_else(|| StoreError::Corrupt(format!("run status '{status}'")))?,
+        exit_code: row.get("exit_code"),
+        error: row.get("error"),
+        runner_id: row.get("runner_id"),
+        runner_name: row.get("runner_name"),
+        executor: row.get("executor"),
+        image: row.get("image"),
+        image_digest: row.get("image_digest"),
+        fencing_token: row.get("fencing_token"),
+        attempt: row.get("attempt"),
+        log_acked_seq: row.get("log_acked_seq"),
+        created_at: row.get("created_at"),
+        leased_at: row.get("leased_at"),
+        lease_expires_at: row.get("lease_expires_at"),
+        started_at: row.get("started_at"),
+        finished_at: row.get("finished_at"),
+    })
+}
+
+const WORKSPACE_SELECT: &str =
+    "SELECT w.id, w.org_id, o.name AS organization, w.name, w.bundle_digest, \
+    w.model, w.created_at, w.updated_at FROM workspaces w JOIN organizations o ON o.id = w.org_id";
+
+fn workspace_from_row(row: &Row) -> Workspace {
+    Workspace {
+        id: row.get("id"),
+        org_id: row.get("org_id"),
+        organization: row.get("organization"),
+        name: row.get("name"),
+        bundle_digest: row.get("bundle_digest"),
+        model: row.get("model"),
+        created_at: row.get("created_at"),
+        updated_at: row.get("updated_at"),
+    }
+}
+
+fn api_key_from_row(row: &Row) -> ApiKey {
+    ApiKey {
+        id: row.get("id"),
+        identity_id: row.get("identity_id"),
+        org_id: row.get("org_id"),
+        name: row.get("name"),
+        prefix: row.get("prefix"),
+        created_at: row.get("created_at"),
+        expires_at: row.get("expires_at"),
+        last_used_at: row.get("last_used_at"),
+        revoked_at: row.get("revoked_at"),
+    }
+}
+
+const RUNNER_SELECT: &str = "SELECT rn.id, rn.org_id, rn.name, rn.labels, rn.capacity, rn.version, \
+    rn.cert_serial, rn.cert_not_after, rn.connected, rn.created_at, rn.last_seen_at, rn.revoked_at, \
+    (SELECT count(*) FROM runs r WHERE r.runner_id = rn.id AND r.status IN ('leased', 'running')) AS active_runs \
+    FROM runners rn";
+
+fn runner_from_row(row: &Row) -> Result<Runner> {
+    Ok(Runner {
+        id: row.get("id"),
+        org_id: row.get("org_id"),
+        name: row.get("name"),
+        labels: labels_from(row.get("labels"))?,
+        capacity: row.get("capacity"),
+        version: row.get("version"),
+        cert_serial: row.get("cert_serial"),
+        cert_not_after: row.get("cert_not_after"),
+        connected: row.get("connected"),
+        created_at: row.get("created_at"),
+        last_seen_at: row.get("last_seen_at"),
+        revoked_at: row.get("revoked_at"),
+        active_runs: row.get("active_runs"),
+    })
+}
+
+impl PgStore {
+    /// Connects, and applies pending migrations.
+    pub async fn connect(url: &str, max_connections: usize) -> Result<PgStore> {
+        let config = tokio_postgres::Config::from_str(url)
+            .map_err(|e| StoreError::Unavailable(format!("invalid database URL: {e}")))?;
+        let manager = Manager::from_config(
+            config,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(max_connections)
+            .wait_timeout(Some(std::time::Duration::from_secs(10)))
+            .create_timeout(Some(std::time::Duration::from_secs(10)))
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .build()
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        let store = PgStore { pool };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    async fn migrate(&self) -> Result<()> {
+        let mut client = self.pool.get().await.map_err(pool_err)?;
+        client
+            .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
+            .await
+            .map_err(db_err)?;
+        let result = async {
+            client
+                .batch_execute(
+                    "CREATE TABLE IF NOT EXISTS schema_migrations (version integer PRIMARY KEY, \
+                     applied_at timestamptz NOT NULL DEFAULT now())",
+                )
+                .await
+                .map_err(db_err)?;
+            let applied: i32 = client
+                .query_one("SELECT coalesce(max(version), 0) FROM schema_migrations", &[])
+                .await
+                .map_err(db_err)?
+                .get(0);
+            if let Some((latest, _)) = MIGRATIONS.last() {
+                if applied > *latest {
+                    return Err(StoreError::Corrupt(format!(
+                        "the database schema is version {applied}, newer than this coordinator knows ({latest}); upgrade the coordinator"
+                    )));
+                }
+            }
+            for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| *v > applied) {
+                let tx = client.transaction().await.map_err(db_err)?;
+                tx.batch_execute(sql).await.map_err(db_err)?;
+                tx.execute("INSERT INTO schema_migrations (version) VALUES ($1)", &[version]).await.map_err(db_err)?;
+                tx.commit().await.map_err(db_err)?;
+                tracing::info!(version, "applied database migration");
+            }
+            Ok(())
+        }
+        .await;
+        client
+            .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK])
+            .await
+            .map_err(db_err)?;
+        result
+    }
+
+    async fn client(&self) -> Result<deadpool_postgres::Object> {
+        self.pool.get().await.map_err(pool_err)
+    }
+
+    async fn run_by_id(&self, id: Uuid) -> Result<Option<Run>> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt(&format!("{RUN_SELECT} WHERE r.id = $1"), &[&id])
+            .await
+            .map_err(db_err)?;
+        row.as_ref().map(run_from_row).transpose()
+    }
+}
+
+#[async_trait]
+impl Store for PgStore {
+    async fn create_organization(&self, name: &str) -> Result<Organization> {
+        let client = self.client().await?;
+        let row = client
+            .query_one(
+                "INSERT INTO organizations (id, name) VALUES ($1, $2) RETURNING id, name, created_at",
+                &[&Uuid::now_v7(), &name],
+            )
+            .await
+            .map_err(db_err)?;
+        Ok(Organization {
+            id: row.get(0),
+            name: row.get(1),
+            created_at: row.get(2),
+        })
+    }
+
+    async fn organization_by_name(&self, name: &str) -> Result<Option<Organization>> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt(
+                "SELECT id, name, created_at FROM organizations WHERE name = $1",
+                &[&name],
+            )
+            .await
+            .map_err(db_err)?;
+        Ok(row.map(|row| Organization {
+            id: row.get(0),
+            name: row.get(1),
+            created_at: row.get(2),
+        }))
+    }
+
+    async fn list_organizations(&self, scope: Scope) -> Result<Vec<Organization>> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT id, name, created_at FROM organizations WHERE ($1::uuid IS NULL OR id = $1) ORDER BY name",
+                &[&scope.org()],
+            )
+            .await
+            .map_err(db_err)?;
+        Ok(rows
+            .iter()
+            .map(|row| Organization {
+                id: row.get(0),
+                name: row.get(1),
+                created_at: row.get(2),
+            })
+            .collect())
+    }
+
+    async fn create_identity(&self, org_id: Uuid, name: &str, role: Role) -> Result<Identity> {
+        let client = self.client().await?;
+        let row = client
+            .query_one(
+                "WITH i AS (INSERT INTO identities (id, org_id, name, role) VALUES ($1, $2, $3, $4) RETURNING id, org_id, name) \
+                 SELECT i.id, i.org_id, o.name, i.name FROM i JOIN organizations o ON o.id = i.org_id",
+                &[&Uuid::now_v7(), &org_id, &name, &role.as_str()],
+            )
+            .await
+            .map_err(db_err)?;
+        Ok(Identity {
+            id: row.get(0),
+            org_id: row.get(1),
+            org_name: row.get(2),
+            name: row.get(3),
+            role,
+        })
+    }
+
+    async fn bootstrap(&self, admin: NewApiKeyForBootstrap) -> Result<bool> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(db_err)?;
+        let inserted = tx
+            .execute(
+                "INSERT INTO bootstrap DEFAULT VALUES ON CONFLICT DO NOTHING",
+                &[],
+            )
+            .await
+            .map_err(db_err)?;
+        if inserted == 0 {
+            return Ok(false);
+        }
+        let org_id: Uuid = tx
+            .query_one(
+                "INSERT INTO organizations (id, name) VALUES ($1, $2) \
+                 ON CONFLICT (name) DO UPDATE SET name = EXCLUDED.name RETURNING id",
+                &[&Uuid::now_v7(), &admin.org_name],
+            )
+            .await
+            .map_err(db_err)?
+            .get(0);
+        let identity_id = Uuid::now_v7();
+        tx.execute(
+            "INSERT INTO identities (id, org_id, name, role) VALUES ($1, $2, $3, $4)",
+            &[
+                &identity_id,
+                &org_id,
+                &admin.identity_name,
+                &Role::SuperAdmin.as_str(),
+            ],
+        )
+        .await
+        .map_err(db_err)?;
+        tx.execute(
+            "INSERT INTO api_keys (id, identity_id, org_id, name, prefix, token_hash) VALUES ($1, $2, $3, $4, $5, $6)",
+            &[&Uuid::now_v7(), &identity_id, &org_id, &admin.key_name, &admin.prefix, &admin.token_hash],
+        )
+        .await
+        .map_err(db_err)?;
+        tx.commit().await.map_err(db_err)?;
+        Ok(true)
+    }
+
+    async fn create_api_key(&self, key: NewApiKey) -> Result<ApiKey> {
+        let client = self.client().await?;
+        let row = client
+            .query_one(
+                "INSERT INTO api_keys (id, identity_id, org_id, name, prefix, token_hash, expires_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING *",
+                &[&Uuid::now_v7(), &key.identity_id, &key.org_id, &key.name, &key.prefix, &key.token_hash, &key.expires_at],
+            )
+            .await
+            .map_err(db_err)?;
+        Ok(api_key_from_row(&row))
+    }
+
+    async fn authenticate_api_key(
+        &self,
+        token_hash: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Option<(ApiKey, Identity)>> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt(
+                "UPDATE api_keys k SET last_used_at = $2 FROM identities i, organizations o \
+                 WHERE k.token_hash = $1 AND k.revoked_at IS NULL AND (k.expires_at IS NULL OR k.expires_at > $2) \
+                   AND i.id = k.identity_id AND o.id = i.org_id \
+                 RETURNING k.*, i.name AS identity_name, i.role, o.name AS org_name",
+                &[&token_hash, &now],
+            )
+            .await
+            .map_err(db_err)?;
+        let Some(row) = row else { return Ok(None) };
+        let role: String = row.get("role");
+        let identity = Identity {
+            id: row.get("identity_id"),
+            org_id: row.get("org_id"),
+            org_name: row.get("org_name"),
+            name: row.get("identity_name"),
+            role: Role::parse(&role)
+                .ok_or_else(|| StoreError::Corrupt(format!("role '{role}'")))?,
+        };
+        Ok(Some((api_key_from_row(&row), identity)))
+    }
+
+    async fn list_api_keys(&self, scope: Scope, page: Page) -> Result<(i64, Vec<ApiKey>)> {
+        let client = self.client().await?;
+        let count: i64 = client
+            .query_one(
+                "SELECT count(*) FROM api_keys WHERE ($1::uuid IS NULL OR org_id = $1)",
+                &[&scope.org()],
+            )
+            .await
+            .map_err(db_err)?
+            .get(0);
+        let rows = client
+            .query(
+                "SELECT * FROM api_keys WHERE ($1::uuid IS NULL OR org_id = $1) ORDER BY created_at, id LIMIT $2 OFFSET $3",
+                &[&scope.org(), &i64::from(page.page_size), &page.offset()],
+            )
+            .await
+            .map_err(db_err)?;
+        Ok((count, rows.iter().map(api_key_from_row).collect()))
+    }
+
+    async fn revoke_api_key(&self, scope: Scope, id: Uuid, now: DateTime<Utc>) -> Result<bool> {
+        let client = self.client().await?;
+        let n = client
+            .execute(
+                "UPDATE api_keys SET revoked_at = coalesce(revoked_at, $3) WHERE id = $1 AND ($2::uuid IS NULL OR org_id = $2)",
+                &[&id, &scope.org(), &now],
+            )
+            .await
+            .map_err(db_err)?;
+        Ok(n == 1)
+    }
+
+    async fn put_workspace(
+        &self,
+        org_id: Uuid,
+        name: &str,
+        digest: &str,
+        model: &serde_json::Value,
+        bundle: &[u8],
+    ) -> Result<Workspace> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(db_err)?;
+        tx.execute(
+            "INSERT INTO bundles (digest, size, data) VALUES ($1, $2, $3) ON CONFLICT (digest) DO NOTHING",
+            &[&digest, &(bundle.len() as i64), &bundle],
+        )
+        .await
+        .map_err(db_err)?;
+        let id: Uuid = tx
+            .query_one(
+                "INSERT INTO workspaces (id, org_id, name, bundle_digest, model) VALUES ($1, $2, $3, $4, $5) \
+                 ON CONFLICT (org_id, name) DO UPDATE SET bundle_digest = EXCLUDED.bundle_digest, \
+                   model = EXCLUDED.model, updated_at = now() RETURNING id",
+                &[&Uuid::now_v7(), &org_id, &name, &digest, model],
+            )
+            .await
+            .map_err(db_err)?
+            .get(0);
+        let row = tx
+            .query_one(&format!("{WORKSPACE_SELECT} WHERE w.id = $1"), &[&id])
+            .await
+            .map_err(db_err)?;
+        tx.commit().await.map_err(db_err)?;
+        Ok(workspace_from_row(&row))
+    }
+
+    async fn workspaces_named(&self, scope: Scope, name: &str) -> Result<Vec<Workspace>> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                &format!("{WORKSPACE_SELECT} WHERE w.name = $1 AND ($2::uuid IS NULL OR w.org_id = $2) ORDER BY o.name"),
+                &[&name, &scope.org()],
+            )
+            .await
+            .map_err(db_err)?;
+        Ok(rows.iter().map(workspace_from_row).collect())
+    }
+
+    async fn list_workspaces(&self, scope: Scope, page: Page) -> Result<(i64, Vec<Workspace>)> {
+        let client = self.client().await?;
+        let count: i64 = client
+            .query_one(
+                "SELECT count(*) FROM workspaces WHERE ($1::uuid IS NULL OR org_id = $1)",
+                &[&scope.org()],
+            )
+            .await
+            .map_err(db_err)?
+            .get(0);
+        let rows = client
+            .query(
+                &format!("{WORKSPACE_SELECT} WHERE ($1::uuid IS NULL OR w.org_id = $1) ORDER BY o.name, w.name LIMIT $2 OFFSET $3"),
+                &[&scope.org(), &i64::from(page.page_size), &page.offset()],
+            )
+            .await
+            .map_err(db_err)?;
+        Ok((count, rows.iter().map(workspace_from_row).collect()))
+    }
+
+    async fn bundle(&self, digest: &str) -> Result<Option<Vec<u8>>> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt("SELECT data FROM bundles WHERE digest = $1", &[&digest])
+            .await
+            .map_err(db_err)?;
+        Ok(row.map(|r| r.get(0)))
+    }
+
+    async fn create_run(&self, run: NewRun) -> Result<Run> {
+        let id = Uuid::now_v7();
+        {
+            let client = self.client().await?;
+            client
+                .execute(
+                    "INSERT INTO runs (id, org_id, workspace_id, workspace, bundle_digest, block, block_version, action, \
+                     parameters, reason, trigger, plan, runner_labels, status) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, 'queued')",
+                    &[
+                        &id,
+                        &run.org_id,
+                        &run.workspace_id,
+                        &run.workspace,
+                        &run.bundle_digest,
+                        &run.block,
+                        &run.block_version,
+                        &run.action,
+                        &run.parameters,
+                        &run.reason,
+                        &run.trigger,
+                        &run.plan,
+                        &labels_json(&run.runner_labels),
+                    ],
+                )
+                .await
+                .map_err(db_err)?;
+        }
+        self.run_by_id(id)
+            .await?
+            .ok_or_else(|| StoreError::Database("inserted run vanished".into()))
+    }
+
+    async fn run(&self, scope: Scope, id: Uuid) -> Result<Option<Run>> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt(
+                &format!("{RUN_SELECT} WHERE r.id = $1 AND ($2::uuid IS NULL OR r.org_id = $2)"),
+                &[&id, &scope.org()],
+            )
+            .await
+            .map_err(db_err)?;
+        row.as_ref().map(run_from_row).transpose()
+    }
+
+    async fn list_runs(
+        &self,
+        scope: Scope,
+        filter: &RunFilter,
+        page: Page,
+    ) -> Result<(i64, Vec<Run>)> {
+        let client = self.client().await?;
+        let condition = "($1::uuid IS NULL OR r.org_id = $1) AND ($2::text IS NULL OR r.workspace = $2) \
+            AND ($3::text IS NULL OR r.block = $3) AND ($4::text IS NULL OR r.action = $4) \
+            AND ($5::text IS NULL OR r.status = $5) AND ($6::text IS NULL OR r.trigger->>'api_key' = $6 \
+              OR r.trigger->>'user' = $6 OR r.trigger->>'ci' = $6)";
+        let status = filter.status.map(RunStatus::as_str);
+        let count: i64 = client
+            .query_one(
+                &format!("SELECT count(*) FROM runs r WHERE {condition}"),
+                &[
+                    &scope.org(),
+                    &filter.workspace,
+                    &filter.block,
+                    &filter.action,
+                    &status,
+                    &filter.trigger,
+                ],
+            )
+            .await
+            .map_err(db_err)?
+            .get(0);
+        let rows = client
+            .query(
+                &format!("{RUN_SELECT} WHERE {condition} ORDER BY r.created_at DESC, r.id DESC LIMIT $7 OFFSET $8"),
+                &[
+                    &scope.org(),
+                    &filter.workspace,
+                    &filter.block,
+                    &filter.action,
+                    &status,
+                    &filter.trigger,
+                    &i64::from(page.page_size),
+                    &page.offset(),
+                ],
+            )
+            .await
+            .map_err(db_err)?;
+        Ok((count, rows.iter().map(run_from_row).collect::<Result<_>>()?))
+    }
+
+    async fn claim_run(&self, claim: &Claim) -> Result<Option<Run>> {
+        let id: Option<Uuid> = {
+            let client = self.client().await?;
+            client
+                .query_opt(
+                    "WITH next AS ( \
+                       SELECT id FROM runs \
+                       WHERE status = 'queued' AND ($2::uuid IS NULL OR org_id = $2) AND $3::jsonb @> runner_labels \
+                       ORDER BY created_at, id LIMIT 1 FOR UPDATE SKIP LOCKED) \
+                     UPDATE runs r SET status = 'leased', runner_id = $1, fencing_token = nextval('fencing_tokens'), \
+                       attempt = r.attempt + 1, leased_at = now(), lease_expires_at = $4 \
+                     FROM next WHERE r.id = next.id RETURNING r.id",
+                    &[&claim.runner_id, &claim.runner_org, &labels_json(&claim.labels), &claim.lease_expires_at],
+                )
+                .await
+                .map_err(db_err)?
+                .map(|row| row.get(0))
+        };
+        match id {
+            Some(id) => self.run_by_id(id).await,
+            None => Ok(None),
+        }
+    }
+
+    async fn release_lease(&self, id: Uuid, token: i64) -> Result<Fenced> {
+        let client = self.client().await?;
+        let n = client
+            .execute(
+                "UPDATE runs SET status = 'queued', runner_id = NULL, leased_at = NULL, lease_expires_at = NULL \
+                 WHERE id = $1 AND fencing_token = $2 AND status = 'leased'",
+                &[&id, &token],
+            )
+            .await
+            .map_err(db_err)?;
+        Ok(if n == 1 {
+            Fenced::Applied
+        } else {
+            Fenced::Stale
+        })
+    }
+
+    async fn mark_running(&self, id: Uuid, token: i64, start: &RunStart) -> Result<Fenced> {
+        let client = self.client().await?;
+        let n = client
+            .execute(
+                "UPDATE runs SET status = 'running', executor = $3, image = $4, image_digest = $5, started_at = $6 \
+                 WHERE id = $1 AND fencing_token = $2 AND status IN ('leased', 'running')",
+                &[&id, &token, &start.executor, &start.image, &start.image_digest, &start.started_at],
+            )
+            .await
+            .map_err(db_err)?;
+        Ok(if n == 1 {
+            Fenced::Applied
+        } else {
+            Fenced::Stale
+        })
+    }
+
+    async fn finish_run(&self, id: Uuid, token: i64, end: &RunEnd) -> Result<Fenced> {
+        let client = self.client().await?;
+        let n = client
+            .execute(
+                "UPDATE runs SET status = $3, exit_code = $4, error = $5, log_last_seq = $6, finished_at = $7, \
+                   lease_expires_at = NULL \
+                 WHERE id = $1 AND fencing_token = $2 AND status IN ('leased', 'running')",
+                &[&id, &token, &end.status.as_str(), &end.exit_code, &end.error, &end.last_seq, &end.finished_at],
+            )
+            .await
+            .map_err(db_err)?;
+        Ok(if n == 1 {
+            Fenced::Applied
+        } else {
+            Fenced::Stale
+        })
+    }
+
+    async fn append_logs(
+        &self,
+        id: Uuid,
+        token: i64,
+        chunks: &[LogChunk],
+    ) -> Result<std::result::Result<i64, Fenced>> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(db_err)?;
+        let row = tx
+            .query_opt(
+                "SELECT log_acked_seq FROM runs WHERE id = $1 AND fencing_token = $2 AND status IN ('leased', 'running') FOR UPDATE",
+                &[&id, &token],
+            )
+            .await
+            .map_err(db_err)?;
+        let Some(row) = row else {
+            return Ok(Err(Fenced::Stale));
+        };
+        let mut acked: i64 = row.get(0);
+        let fresh: Vec<&LogChunk> = chunks.iter().filter(|c| c.seq > acked).collect();
+        if !fresh.is_empty() {
+            let seqs: Vec<i64> = fresh.iter().map(|c| c.seq).collect();
+            let streams: Vec<i16> = fresh.iter().map(|c| c.stream).collect();
+            let ts: Vec<DateTime<Utc>> = fresh.iter().map(|c| c.ts).collect();
+            let data: Vec<&[u8]> = fresh.iter().map(|c| c.data.as_slice()).collect();
+            tx.execute(
+                "INSERT INTO run_logs (run_id, seq, stream, ts, data) \
+                 SELECT $1, * FROM UNNEST($2::bigint[], $3::smallint[], $4::timestamptz[], $5::bytea[]) \
+                 ON CONFLICT DO NOTHING",
+                &[&id, &seqs, &streams, &ts, &data],
+            )
+            .await
+            .map_err(db_err)?;
+            // Advance the acknowledgement over whatever is now contiguous,
+            // including chunks that arrived earlier out of order.
+            let rows = tx
+                .query("SELECT seq FROM run_logs WHERE run_id = $1 AND seq > $2 ORDER BY seq LIMIT 100000", &[&id, &acked])
+                .await
+                .map_err(db_err)?;
+            for row in rows {
+                let seq: i64 = row.get(0);
+                if seq != acked + 1 {
+                    break;
+                }
+                acked = seq;
+            }
+            tx.execute(
+                "UPDATE runs SET log_acked_seq = $2 WHERE id = $1",
+                &[&id, &acked],
+            )
+            .await
+            .map_err(db_err)?;
+        }
+        tx.commit().await.map_err(db_err)?;
+        Ok(Ok(acked))
+    }
+
+    async fn logs(&self, id: Uuid, after_seq: i64, limit: i64) -> Result<Vec<LogChunk>> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT seq, stream, ts, data FROM run_logs WHERE run_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+                &[&id, &after_seq, &limit],
+            )
+            .await
+            .map_err(db_err)?;
+        Ok(rows
+            .iter()
+            .map(|row| LogChunk {
+                seq: row.get(0),
+                stream: row.get(1),
+                ts: row.get(2),
+                data: row.get(3),
+            })
+            .collect())
+    }
+
+    async fn active_runs_of_runner(&self, runner_id: Uuid) -> Result<Vec<Run>> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                &format!("{RUN_SELECT} WHERE r.runner_id = $1 AND r.status IN ('leased', 'running') ORDER BY r.leased_at"),
+                &[&runner_id],
+            )
+            .await
+            .map_err(db_err)?;
+        rows.iter().map(run_from_row).collect()
+    }
+
+    async fn create_join_token(&self, token: NewJoinToken) -> Result<JoinToken> {
+        let client = self.client().await?;
+        let row = client
+            .query_one(
+                "INSERT INTO join_tokens (id, token_hash, org_id, created_by, single_use, expires_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6) RETURNING id, org_id, single_use, expires_at",
+                &[&Uuid::now_v7(), &token.token_hash, &token.org_id, &token.created_by, &token.single_use, &token.expires_at],
+            )
+            .await
+            .map_err(db_err)?;
+        Ok(JoinToken {
+            id: row.get(0),
+            org_id: row.get(1),
+            single_use: row.get(2),
+            expires_at: row.get(3),
+        })
+    }
+
+    async fn consume_join_token(
+        &self,
+        token_hash: &str,
+        now: DateTime<Utc>,
+    ) -> Result<std::result::Result<JoinToken, JoinTokenRefusal>> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(db_err)?;
+        let row = tx
+            .query_opt(
+                "SELECT id, org_id, single_use, expires_at, used_at FROM join_tokens WHERE token_hash = $1 FOR UPDATE",
+                &[&token_hash],
+            )
+            .await
+            .map_err(db_err)?;
+        let Some(row) = row else {
+            return Ok(Err(JoinTokenRefusal::Unknown));
+        };
+        let token = JoinToken {
+            id: row.get(0),
+            org_id: row.get(1),
+            single_use: row.get(2),
+            expires_at: row.get(3),
+        };
+        let used_at: Option<DateTime<Utc>> = row.get(4);
+        if token.expires_at <= now {
+            return Ok(Err(JoinTokenRefusal::Expired));
+        }
+        if token.single_use && used_at.is_some() {
+            return Ok(Err(JoinTokenRefusal::Used));
+        }
+        tx.execute(
+            "UPDATE join_tokens SET used_at = coalesce(used_at, $2) WHERE id = $1",
+            &[&token.id, &now],
+        )
+        .await
+        .map_err(db_err)?;
+        tx.commit().await.map_err(db_err)?;
+        Ok(Ok(token))
+    }
+
+    async fn create_runner(&self, runner: NewRunner) -> Result<Runner> {
+        {
+            let client = self.client().await?;
+            client
+                .execute(
+                    "INSERT INTO runners (id, org_id, name, labels, capacity, cert_serial, cert_not_after) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                    &[
+                        &runner.id,
+                        &runner.org_id,
+                        &runner.name,
+                        &labels_json(&runner.labels),
+                        &runner.capacity,
+                        &runner.cert_serial,
+                        &runner.cert_not_after,
+                    ],
+                )
+                .await
+                .map_err(db_err)?;
+        }
+        self.runner(runner.id)
+            .await?
+            .ok_or_else(|| StoreError::Database("inserted runner vanished".into()))
+    }
+
+    async fn runner(&self, id: Uuid) -> Result<Option<Runner>> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt(&format!("{RUNNER_SELECT} WHERE rn.id = $1"), &[&id])
+            .await
+            .map_err(db_err)?;
+        row.as_ref().map(runner_from_row).transpose()
+    }
+
+    async fn list_runners(&self, scope: Scope, page: Page) -> Result<(i64, Vec<Runner>)> {
+        let client = self.client().await?;
+        // An organization sees its own runners and the instance-wide ones that serve it.
+        let condition = "($1::uuid IS NULL OR rn.org_id = $1 OR rn.org_id IS NULL)";
+        let count: i64 = client
+            .query_one(
+                &format!("SELECT count(*) FROM runners rn WHERE {condition}"),
+                &[&scope.org()],
+            )
+            .await
+            .map_err(db_err)?
+            .get(0);
+        let rows = client
+            .query(
+                &format!("{RUNNER_SELECT} WHERE {condition} ORDER BY rn.created_at, rn.id LIMIT $2 OFFSET $3"),
+                &[&scope.org(), &i64::from(page.page_size), &page.offset()],
+            )
+            .await
+            .map_err(db_err)?;
+        Ok((
+            count,
+            rows.iter().map(runner_from_row).collect::<Result<_>>()?,
+        ))
+    }
+
+    async fn runner_connected(
+        &self,
+        id: Uuid,
+        labels: &BTreeMap<String, String>,
+        capacity: i32,
+        version: &str,
+        now: DateTime<Utc>,
+    ) -> Result<()> {
+        let client = self.client().await?;
+        client
+            .execute(
+                "UPDATE runners SET connected = true, labels = $2, capacity = $3, version = $4, last_seen_at = $5 WHERE id = $1",
+                &[&id, &labels_json(labels), &capacity, &version, &now],
+            )
+            .await
+            .map_err(db_err)?;
+        Ok(())
+    }
+
+    async fn runner_seen(&self, id: Uuid, now: DateTime<Utc>) -> Result<()> {
+        let client = self.client().await?;
+        client
+            .execute(
+                "UPDATE runners SET last_seen_at = $2 WHERE id = $1",
+                &[&id, &now],
+            )
+            .await
+            .map_err(db_err)?;
+        Ok(())
+    }
+
+    async fn runner_disconnected(&self, id: Uuid, now: DateTime<Utc>) -> Result<()> {
+        let client = self.client().await?;
+        client
+            .execute(
+                "UPDATE runners SET connected = false, last_seen_at = $2 WHERE id = $1",
+                &[&id, &now],
+            )
+            .await
+            .map_err(db_err)?;
+        Ok(())
+    }
+}

@@ -1,0 +1,36 @@
+//! `muster-runner`: parses its configuration and runs until SIGINT or SIGTERM.
+
+use clap::Parser;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(
+    name = "muster-runner",
+    version,
+    about = "Muster's runner: executes leased runs in containers"
+)]
+struct Cli {
+    #[command(flatten)]
+    config: muster_runner::Config,
+}
+
+#[tokio::main]
+async fn main() {
+    muster_common::telemetry::init();
+    let cli = Cli::parse();
+    let shutdown = CancellationToken::new();
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        stop.cancel();
+    });
+    if let Err(error) = muster_runner::run(cli.config, shutdown).await {
+        eprintln!("muster-runner: {error:#}");
+        std::process::exit(2);
+    }
+}
