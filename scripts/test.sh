@@ -22,4 +22,6 @@ if [ "${CI:-}" = true ]; then
     export CARGO_TERM_COLOR=never
 fi
 
+# The end-to-end tests run the built binaries (the muster CLI among them).
+cargo build --workspace --bins --locked
 exec cargo test --workspace --locked "$@"
