@@ -302,7 +302,9 @@ pub async fn hold_stream(
         };
         match message.kind {
             Some(coordinator_message::Kind::Lease(lease)) => {
-                if commands.send(Command::Lease(lease)).await.is_err() {
+                // The job spawner is gone only when the runner stops.
+                let spawned = commands.send(Command::Lease(lease)).await;
+                if spawned.is_err() {
                     break Ok(());
                 }
             }

@@ -192,6 +192,15 @@ impl TestCoordinator {
 
     /// Starts an in-process runner enrolled with a fresh join token.
     pub async fn start_runner(&self, capacity: u32) -> anyhow::Result<TestRunner> {
+        self.start_runner_with(capacity, &[]).await
+    }
+
+    /// Like `start_runner`, with labels (`key=value`).
+    pub async fn start_runner_with(
+        &self,
+        capacity: u32,
+        labels: &[&str],
+    ) -> anyhow::Result<TestRunner> {
         let token = self
             .admin(
                 reqwest::Method::POST,
@@ -210,6 +219,7 @@ impl TestCoordinator {
             data_dir.path().to_path_buf(),
         );
         config.capacity = capacity;
+        config.labels = labels.iter().map(|l| l.to_string()).collect();
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(muster_runner::run(config, shutdown.clone()));
         let runner = TestRunner {

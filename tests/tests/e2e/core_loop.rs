@@ -208,3 +208,37 @@ async fn two_runners_five_runs_each_executed_exactly_once() -> anyhow::Result<()
     db.drop_db().await;
     Ok(())
 }
+
+/// A run that requires runner labels goes only to a runner that has them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_go_only_to_runners_with_the_labels_they_require() -> anyhow::Result<()> {
+    let db = TestDb::create().await?;
+    let c = TestCoordinator::start(&db).await?;
+    c.push_dir(&c.admin_key, &example_workspace()).await?;
+    let runner = c.start_runner_with(2, &["site=fra1", "os=linux"]).await?;
+
+    let elsewhere = c
+        .trigger("acme-corp-automation", json!({"block": "linux-patch", "action": "hello", "parameters": {"runner_labels": {"site": "ber1"}}}))
+        .await?;
+    let here = c
+        .trigger("acme-corp-automation", json!({"block": "linux-patch", "action": "hello", "parameters": {"runner_labels": {"site": "fra1"}}}))
+        .await?;
+    let run = c.wait_final(&here, RUN_DEADLINE).await?;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    // Claims take the oldest run a runner may take: leasing the later run
+    // means the earlier one was passed over for its labels, not missed.
+    let waiting = c
+        .admin(
+            reqwest::Method::GET,
+            &format!("/api/v1/action-runs/{elsewhere}/"),
+            None,
+        )
+        .await?;
+    assert_eq!(waiting["status"], "queued", "{waiting}");
+    assert!(waiting["runner"].is_null());
+
+    runner.stop().await;
+    c.stop().await;
+    db.drop_db().await;
+    Ok(())
+}
