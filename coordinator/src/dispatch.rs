@@ -110,21 +110,6 @@ impl Dispatcher {
         self.wake();
     }
 
-    pub fn connected_runners(&self) -> usize {
-        self.runners.lock().expect("dispatcher lock").len()
-    }
-
-    /// Sends a message to a runner this coordinator holds, if it does.
-    pub fn send_to(&self, runner_id: Uuid, message: CoordinatorMessage) -> bool {
-        let outbox = self
-            .runners
-            .lock()
-            .expect("dispatcher lock")
-            .get(&runner_id)
-            .map(|s| s.outbox.clone());
-        outbox.is_some_and(|o| o.try_send(Ok(message)).is_ok())
-    }
-
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
         loop {
             tokio::select! {

@@ -78,10 +78,9 @@ async fn bootstrap(store: &dyn Store, data_dir: &Path) -> anyhow::Result<()> {
         tracing::info!(path = %key_path.display(), "created the admin identity; its API key is in this file (mode 0600)");
         println!("muster: admin API key written to {}", key_path.display());
     } else {
-        // Already bootstrapped: keep the key file that was written then.
+        // Bootstrapped before, by another coordinator on this database: its
+        // admin key file is the one that works; this one never did.
         let _ = std::fs::remove_file(&key_path);
-        let previous = key_path.with_extension("tmp");
-        let _ = std::fs::remove_file(previous);
     }
     Ok(())
 }

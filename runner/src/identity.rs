@@ -3,7 +3,6 @@
 //! connector both kinds of connection use.
 
 use std::future::Future;
-use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -176,9 +175,4 @@ impl tower::Service<http::Uri> for TlsConnector {
             Ok(TokioIo::new(tls))
         })
     }
-}
-
-/// Whether an identity exists in `data_dir`.
-pub fn is_enrolled(data_dir: &Path) -> bool {
-    data_dir.join(IDENTITY_FILE).exists()
 }
