@@ -58,10 +58,16 @@ impl Coordinator {
     }
 }
 
-/// Writes the first admin's API key to `<data-dir>/admin-api-key` if this
-/// database has no admin yet. The key is printed nowhere.
+/// Creates the first admin of an empty database and writes its API key to
+/// `<data-dir>/admin-api-key` (mode 0600). The key is printed nowhere.
+///
+/// The key is written to `admin-api-key.new` before the database commits it
+/// and renamed into place after, so a crash in between leaves the working key
+/// on disk, and a data directory reused with a fresh database gets a key that
+/// works instead of keeping a stale one.
 async fn bootstrap(store: &dyn Store, data_dir: &Path) -> anyhow::Result<()> {
     let key_path = data_dir.join("admin-api-key");
+    let pending = data_dir.join("admin-api-key.new");
     let secret = token::generate(TokenKind::ApiKey);
     let admin = NewApiKeyForBootstrap {
         org_name: "default".into(),
@@ -70,17 +76,16 @@ async fn bootstrap(store: &dyn Store, data_dir: &Path) -> anyhow::Result<()> {
         prefix: token::display_prefix(&secret),
         token_hash: token::hash(&secret),
     };
-    // Write the file first: a crash between the two leaves a key that never
-    // worked, not an admin whose key is lost.
-    write_private_file(&key_path, format!("{secret}\n").as_bytes())
-        .with_context(|| format!("writing {}", key_path.display()))?;
+    write_private_file(&pending, format!("{secret}\n").as_bytes())
+        .with_context(|| format!("writing {}", pending.display()))?;
     if store.bootstrap(admin).await? {
+        std::fs::rename(&pending, &key_path)
+            .with_context(|| format!("writing {}", key_path.display()))?;
         tracing::info!(path = %key_path.display(), "created the admin identity; its API key is in this file (mode 0600)");
         println!("muster: admin API key written to {}", key_path.display());
     } else {
-        // Bootstrapped before, by another coordinator on this database: its
-        // admin key file is the one that works; this one never did.
-        let _ = std::fs::remove_file(&key_path);
+        // Bootstrapped before: the key written then is the one that works.
+        let _ = std::fs::remove_file(&pending);
     }
     Ok(())
 }
@@ -95,9 +100,7 @@ pub async fn start(config: Config) -> anyhow::Result<Coordinator> {
             .await
             .context("connecting to PostgreSQL (--database-url)")?,
     );
-    if !config.data_dir.join("admin-api-key").exists() {
-        bootstrap(&*store, &config.data_dir).await?;
-    }
+    bootstrap(&*store, &config.data_dir).await?;
 
     let ca = Arc::new(tls::load_or_create_ca(&config.data_dir)?);
     let server_tls = tls::server_tls(&ca, &tls::server_names(&config.tls_sans))?;
