@@ -17,6 +17,8 @@ use muster_common::bundle::Bundle;
 use muster_common::workspace;
 use serde_json::{json, Value};
 
+mod dev;
+
 const EXIT_API: i32 = 69;
 
 #[derive(Parser)]
@@ -43,6 +45,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Muster in one process on its embedded defaults: a coordinator on SQLite
+    /// and a runner (docker, or local processes without Docker); serves until Ctrl-C.
+    Dev(Box<dev::DevArgs>),
     /// Workspaces: push and validate.
     #[command(subcommand)]
     Workspace(WorkspaceCommand),
@@ -95,6 +100,16 @@ enum RunsCommand {
     },
     Logs {
         id: String,
+        /// Keep printing as the log grows until the run ends; exit as `run --wait` does.
+        #[arg(short, long)]
+        follow: bool,
+    },
+    /// Cancels a run: a queued one at once, a running one is stopped by its runner.
+    Cancel {
+        id: String,
+        /// Wait until the run has ended and exit as `muster run --wait` would.
+        #[arg(long)]
+        wait: bool,
     },
 }
 
@@ -130,6 +145,16 @@ impl std::fmt::Display for ApiError {
 impl std::error::Error for ApiError {}
 
 impl Api {
+    fn new(base: &str, key: Option<String>) -> anyhow::Result<Api> {
+        Ok(Api {
+            http: reqwest::Client::builder()
+                .connect_timeout(Duration::from_secs(10))
+                .build()?,
+            base: base.trim_end_matches('/').to_owned(),
+            key: key.filter(|k| !k.is_empty()),
+        })
+    }
+
     fn request(
         &self,
         method: reqwest::Method,
@@ -225,14 +250,9 @@ async fn main() {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<i32> {
-    let api = Api {
-        http: reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(10))
-            .build()?,
-        base: cli.url.trim_end_matches('/').to_owned(),
-        key: cli.api_key.filter(|k| !k.is_empty()),
-    };
+    let api = Api::new(&cli.url, cli.api_key)?;
     match cli.command {
+        Command::Dev(args) => dev::dev(*args).await,
         Command::Workspace(WorkspaceCommand::Validate { dir }) => {
             let bundle =
                 Bundle::from_dir(&dir).with_context(|| format!("reading {}", dir.display()))?;
@@ -247,35 +267,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             Ok(0)
         }
         Command::Workspace(WorkspaceCommand::Push { dir }) => {
-            let bundle =
-                Bundle::from_dir(&dir).with_context(|| format!("reading {}", dir.display()))?;
-            // Catch mistakes before uploading; the coordinator checks again.
-            workspace::load(&bundle)?;
-            let body = bundle.to_tar_gz();
-            let req = api
-                .request(reqwest::Method::POST, "/api/v1/workspaces/")?
-                .header("Content-Type", "application/gzip")
-                .body(body);
-            let ws = api.json(req).await?;
-            println!(
-                "pushed {} (organization {}) {}",
-                ws["name"].as_str().unwrap_or("?"),
-                ws["organization"].as_str().unwrap_or("?"),
-                ws["digest"].as_str().unwrap_or("?")
-            );
-            for block in ws["blocks"].as_array().into_iter().flatten() {
-                let actions: Vec<&str> = block["actions"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .filter_map(|a| a["name"].as_str())
-                    .collect();
-                println!(
-                    "  {}: {}",
-                    block["name"].as_str().unwrap_or("?"),
-                    actions.join(", ")
-                );
-            }
+            push(&api, &dir).await?;
             Ok(0)
         }
         Command::Run {
@@ -363,7 +355,8 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             println!("{}", serde_json::to_string_pretty(&run)?);
             Ok(0)
         }
-        Command::Runs(RunsCommand::Logs { id }) => {
+        Command::Runs(RunsCommand::Logs { id, follow: true }) => follow(&api, &id).await,
+        Command::Runs(RunsCommand::Logs { id, follow: false }) => {
             let response = api
                 .send(api.request(
                     reqwest::Method::GET,
@@ -371,6 +364,24 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 )?)
                 .await?;
             std::io::stdout().write_all(&response.bytes().await?)?;
+            Ok(0)
+        }
+        Command::Runs(RunsCommand::Cancel { id, wait }) => {
+            let run = api
+                .json(api.request(
+                    reqwest::Method::POST,
+                    &format!("/api/v1/action-runs/{id}/cancel/"),
+                )?)
+                .await?;
+            let status = run["status"].as_str().unwrap_or("?");
+            if status == "canceled" {
+                eprintln!("muster: run {id} canceled");
+                return Ok(if wait { 130 } else { 0 });
+            }
+            eprintln!("muster: run {id} is {status}; its runner was asked to stop it");
+            if wait {
+                return follow_quietly(&api, &id).await;
+            }
             Ok(0)
         }
         Command::Runners(RunnersCommand::List) => {
@@ -406,51 +417,152 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
     }
 }
 
-/// Prints the run's log as it grows and returns the exit code for the run.
+/// Validates and uploads a workspace directory; prints and returns the answer.
+async fn push(api: &Api, dir: &std::path::Path) -> anyhow::Result<Value> {
+    let bundle = Bundle::from_dir(dir).with_context(|| format!("reading {}", dir.display()))?;
+    // Catch mistakes before uploading; the coordinator checks again.
+    workspace::load(&bundle)?;
+    let body = bundle.to_tar_gz();
+    let req = api
+        .request(reqwest::Method::POST, "/api/v1/workspaces/")?
+        .header("Content-Type", "application/gzip")
+        .body(body);
+    let ws = api.json(req).await?;
+    println!(
+        "pushed {} (organization {}) {}",
+        ws["name"].as_str().unwrap_or("?"),
+        ws["organization"].as_str().unwrap_or("?"),
+        ws["digest"].as_str().unwrap_or("?")
+    );
+    for block in ws["blocks"].as_array().into_iter().flatten() {
+        let actions: Vec<&str> = block["actions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|a| a["name"].as_str())
+            .collect();
+        println!(
+            "  {}: {}",
+            block["name"].as_str().unwrap_or("?"),
+            actions.join(", ")
+        );
+    }
+    Ok(ws)
+}
+
+/// Prints the run's log live (server-sent events) and returns the exit
+/// code for the run. A broken stream is resumed where it broke
+/// (`Last-Event-ID`), so the log is printed whole and once, across network
+/// blips and coordinator restarts.
 async fn follow(api: &Api, id: &str) -> anyhow::Result<i32> {
-    let mut after = 0i64;
+    use futures_util::StreamExt;
+    let path = format!("/api/v1/action-runs/{id}/logs/");
+    let mut last: Option<String> = None;
     let mut stdout = std::io::stdout();
-    let mut announced = String::new();
+    let mut failures = 0u32;
     loop {
-        let path = format!("/api/v1/action-runs/{id}/logs/?after_seq={after}");
-        let response = api.send(api.request(reqwest::Method::GET, &path)?).await?;
-        let header = |name: &str| {
-            response
-                .headers()
-                .get(name)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned)
+        let mut req = api
+            .request(reqwest::Method::GET, &path)?
+            .header(reqwest::header::ACCEPT, "text/event-stream");
+        if let Some(seq) = &last {
+            req = req.header("Last-Event-ID", seq.as_str());
+        }
+        let response = match req.send().await {
+            Ok(r) if r.status().is_success() => r,
+            Ok(r) => {
+                // The API answered: that is no blip.
+                let status = r.status();
+                let body = r.text().await.unwrap_or_default();
+                return Err(ApiError(format!("{status}: {body}")).into());
+            }
+            Err(error) => {
+                failures += 1;
+                if failures > 30 {
+                    return Err(ApiError(format!(
+                        "cannot reach the coordinator at {}: {error}",
+                        api.base
+                    ))
+                    .into());
+                }
+                eprintln!("muster: lost the coordinator ({error}); reconnecting");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
         };
-        let status = header("muster-run-status").unwrap_or_default();
-        if let Some(last) = header("muster-last-seq").and_then(|s| s.parse().ok()) {
-            after = last;
+        failures = 0;
+        let mut body = response.bytes_stream();
+        let mut buffer = Vec::new();
+        while let Some(bytes) = body.next().await {
+            let Ok(bytes) = bytes else { break };
+            buffer.extend_from_slice(&bytes);
+            while let Some(end) = buffer.windows(2).position(|w| w == b"\n\n") {
+                let block: Vec<u8> = buffer.drain(..end + 2).collect();
+                let (mut event, mut seq, mut data) = ("message", None, String::new());
+                let block = String::from_utf8_lossy(&block).into_owned();
+                for line in block.lines() {
+                    if let Some(v) = line.strip_prefix("event: ") {
+                        event = if v == "end" {
+                            "end"
+                        } else if v == "log" {
+                            "log"
+                        } else {
+                            "other"
+                        };
+                    } else if let Some(v) = line.strip_prefix("id: ") {
+                        seq = Some(v.to_owned());
+                    } else if let Some(v) = line.strip_prefix("data: ") {
+                        data.push_str(v);
+                    }
+                }
+                let Ok(value) = serde_json::from_str::<Value>(&data) else {
+                    continue; // a keep-alive
+                };
+                match event {
+                    "log" => {
+                        stdout.write_all(value["data"].as_str().unwrap_or_default().as_bytes())?;
+                        stdout.flush()?;
+                        if seq.is_some() {
+                            last = seq;
+                        }
+                    }
+                    "end" => {
+                        let status = value["status"].as_str().unwrap_or_default();
+                        eprintln!("muster: run {id} {status}");
+                        return Ok(exit_code_for(status, value["exit_code"].as_i64()));
+                    }
+                    _ => {}
+                }
+            }
         }
-        let bytes = response.bytes().await?;
-        stdout.write_all(&bytes)?;
-        stdout.flush()?;
-        if status != announced {
+        // The stream ended without the run's end: resume where it broke.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// What `muster run --wait` exits with for a run that ended with `status`.
+fn exit_code_for(status: &str, exit_code: Option<i64>) -> i32 {
+    match status {
+        "succeeded" => 0,
+        "failed" => exit_code
+            .filter(|c| *c != 0)
+            .map(|c| c.clamp(1, 255) as i32)
+            .unwrap_or(1),
+        "timed_out" => 124,
+        "lost" => 125,
+        _ => 130,
+    }
+}
+
+/// Waits for a run to end without printing its log.
+async fn follow_quietly(api: &Api, id: &str) -> anyhow::Result<i32> {
+    loop {
+        let run = api
+            .json(api.request(reqwest::Method::GET, &format!("/api/v1/action-runs/{id}/"))?)
+            .await?;
+        let status = run["status"].as_str().unwrap_or_default();
+        if !matches!(status, "queued" | "leased" | "running") {
             eprintln!("muster: run {id} is {status}");
-            announced = status.clone();
-        }
-        if matches!(
-            status.as_str(),
-            "succeeded" | "failed" | "canceled" | "timed_out" | "lost"
-        ) {
-            // The status was read before the chunks, so everything is printed.
-            let run = api
-                .json(api.request(reqwest::Method::GET, &format!("/api/v1/action-runs/{id}/"))?)
-                .await?;
-            let exit_code = run["exit_code"].as_i64();
-            return Ok(match status.as_str() {
-                "succeeded" => 0,
-                "failed" => exit_code
-                    .filter(|c| *c != 0)
-                    .map(|c| c.clamp(1, 255) as i32)
-                    .unwrap_or(1),
-                "timed_out" => 124,
-                "lost" => 125,
-                _ => 130,
-            });
+            return Ok(exit_code_for(status, run["exit_code"].as_i64()));
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }

@@ -9,6 +9,7 @@ pub mod bundle;
 pub mod pki;
 pub mod plan;
 pub mod secret;
+pub mod shutdown;
 pub mod telemetry;
 pub mod token;
 pub mod workspace;

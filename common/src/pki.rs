@@ -11,7 +11,8 @@ use std::time::Duration;
 
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
-    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, PublicKeyData,
+    SanType, SerialNumber,
 };
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
@@ -20,11 +21,11 @@ use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
 use rustls_pki_types::pem::PemObject;
 use sha2::{Digest, Sha256};
 
-/// Prefix of a runner certificate's common name; the rest is the runner id.
 /// The TLS server name a runner asks for when it enrolls; the coordinator answers
 /// it with server-only TLS, and the server certificate carries it.
 pub const ENROLL_SERVER_NAME: &str = "enroll.muster.invalid";
 
+/// Prefix of a runner certificate's common name; the rest is the runner id.
 const RUNNER_CN_PREFIX: &str = "muster-runner:";
 
 #[derive(Debug, thiserror::Error)]
@@ -229,8 +230,10 @@ impl CertificateAuthority {
 fn random_serial() -> SerialNumber {
     let mut bytes = [0u8; 16];
     getrandom::fill(&mut bytes).expect("the operating system's random source is available");
-    // A positive INTEGER: clear the top bit.
-    bytes[0] &= 0x7f;
+    // A positive INTEGER in minimal DER form: top bit clear, so no 0x00 is
+    // prepended, and first byte non-zero, so none is stripped. Either would
+    // make the serial read back from the certificate differ from this one.
+    bytes[0] = (bytes[0] & 0x7f) | 0x01;
     SerialNumber::from_slice(&bytes)
 }
 
@@ -250,18 +253,51 @@ pub fn generate_csr(name: &str) -> Result<(String, String), PkiError> {
 pub struct RunnerCert {
     pub runner_id: String,
     pub serial_hex: String,
+    pub not_before: chrono::DateTime<chrono::Utc>,
+    pub not_after: chrono::DateTime<chrono::Utc>,
 }
 
-/// Reads the runner id and serial from a (verified) runner certificate.
+impl RunnerCert {
+    /// Whether less than a third of the certificate's validity is left at
+    /// `now`: the point from which a runner asks for a new one, so a runner
+    /// that is offline for a while still has time to renew.
+    pub fn renewal_due(&self, now: chrono::DateTime<chrono::Utc>) -> bool {
+        let whole = self.not_after - self.not_before;
+        self.not_after - now < whole / 3
+    }
+}
+
+/// Reads the runner id, serial and validity from a (verified) runner
+/// certificate.
 pub fn runner_cert_info(der: &[u8]) -> Option<RunnerCert> {
     let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
     let cn = cert.subject().iter_common_name().next()?.as_str().ok()?;
     let runner_id = cn.strip_prefix(RUNNER_CN_PREFIX)?.to_owned();
     let serial_hex = hex::encode(cert.raw_serial());
+    let validity = cert.validity();
+    let time = |t: x509_parser::time::ASN1Time| chrono::DateTime::from_timestamp(t.timestamp(), 0);
     Some(RunnerCert {
         runner_id,
         serial_hex,
+        not_before: time(validity.not_before)?,
+        not_after: time(validity.not_after)?,
     })
+}
+
+/// Whether the certificate (PEM) certifies the public key of the private key
+/// (PEM): a runner checks this before it replaces its identity, so a wrong
+/// answer cannot leave it with a certificate it cannot use.
+pub fn cert_matches_key(cert_pem: &str, key_pem: &str) -> Result<bool, PkiError> {
+    let der = certs_from_pem(cert_pem)?.remove(0);
+    let (_, cert) = x509_parser::parse_x509_certificate(&der).map_err(|e| PkiError::Pem {
+        what: "certificate",
+        reason: e.to_string(),
+    })?;
+    let key = KeyPair::from_pem(key_pem).map_err(|e| PkiError::Pem {
+        what: "private key",
+        reason: e.to_string(),
+    })?;
+    Ok(cert.public_key().raw == key.subject_public_key_info().as_slice())
 }
 
 /// Trusts a server whose chain contains a CA certificate with the pinned hash,
@@ -365,6 +401,57 @@ mod tests {
         let info = runner_cert_info(&der).unwrap();
         assert_eq!(info.runner_id, "r-123");
         assert_eq!(info.serial_hex, issued.serial_hex);
+        assert_eq!(info.not_after, issued.not_after);
+    }
+
+    #[test]
+    fn renewal_is_due_in_the_last_third() {
+        let ca = CertificateAuthority::generate("test CA").unwrap();
+        let (csr, _key) = generate_csr("r").unwrap();
+        let issued = ca
+            .sign_runner_csr(&csr, "r", Duration::from_secs(30 * 86_400))
+            .unwrap();
+        let der = certs_from_pem(&issued.pem).unwrap().remove(0);
+        let info = runner_cert_info(&der).unwrap();
+        let now = chrono::Utc::now();
+        assert!(!info.renewal_due(now), "a fresh certificate is not due");
+        assert!(!info.renewal_due(now + chrono::Duration::days(19)));
+        assert!(info.renewal_due(now + chrono::Duration::days(21)));
+        assert!(
+            info.renewal_due(now + chrono::Duration::days(31)),
+            "expired"
+        );
+    }
+
+    #[test]
+    fn a_certificate_matches_only_its_own_key() {
+        let ca = CertificateAuthority::generate("test CA").unwrap();
+        let (csr, key) = generate_csr("r").unwrap();
+        let (_, other_key) = generate_csr("r").unwrap();
+        let issued = ca
+            .sign_runner_csr(&csr, "r", Duration::from_secs(60))
+            .unwrap();
+        assert!(cert_matches_key(&issued.pem, &key).unwrap());
+        assert!(!cert_matches_key(&issued.pem, &other_key).unwrap());
+        assert!(cert_matches_key("not pem", &key).is_err());
+        assert!(cert_matches_key(&issued.pem, "not a key").is_err());
+    }
+
+    #[test]
+    fn serials_read_back_as_issued() {
+        let ca = CertificateAuthority::generate("test CA").unwrap();
+        // 1 in 256 random serials began with a zero byte and read back without it.
+        for _ in 0..300 {
+            let (csr, _key) = generate_csr("r").unwrap();
+            let issued = ca
+                .sign_runner_csr(&csr, "r", Duration::from_secs(60))
+                .unwrap();
+            let der = certs_from_pem(&issued.pem).unwrap().remove(0);
+            assert_eq!(
+                runner_cert_info(&der).unwrap().serial_hex,
+                issued.serial_hex
+            );
+        }
     }
 
     #[test]

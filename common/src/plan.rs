@@ -51,6 +51,14 @@ pub struct JobPlan {
     pub vars: Json,
     /// `KEY=value` entries from `workspace.poly`, applied last.
     pub extraenv: Vec<String>,
+    /// The action's `timeout:`: how long the job may run once started,
+    /// enforced by the runner. Plans made before timeouts existed have none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_secs: Option<u64>,
+    /// The action's `retries:`: further attempts when the runner is lost.
+    /// The coordinator acts on it; the runner does not need it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retries: Option<u32>,
 }
 
 /// The command of a plan.
@@ -173,6 +181,8 @@ pub fn plan(
         command,
         vars: Json::Object(vars),
         extraenv: workspace.extraenv.clone(),
+        timeout_secs: act.timeout,
+        retries: act.retries,
     })
 }
 
@@ -401,7 +411,7 @@ mod tests {
             ("workspace.poly", ws),
             (
                 "blocks/app/block.poly",
-                "name: app\nversion: 2.0.0\nkind: generic\nconfig:\n  db: {host: localhost, port: 5432}\n  tags: [a, b]\n  empty: ~\n  weird-key.x: 1\nactions:\n  - name: deploy\n    description: Deploys\n    playbook: deploy.yml\n  - name: hello\n    script: [echo one, echo two]\n",
+                "name: app\nversion: 2.0.0\nkind: generic\nconfig:\n  db: {host: localhost, port: 5432}\n  tags: [a, b]\n  empty: ~\n  weird-key.x: 1\nactions:\n  - name: deploy\n    description: Deploys\n    playbook: deploy.yml\n    timeout: 900\n  - name: hello\n    script: [echo one, echo two]\n",
             ),
             ("blocks/app/deploy.yml", "- hosts: all\n"),
             ("inventory.yml", "all: {}\n"),
@@ -454,6 +464,7 @@ mod tests {
             ]
         );
         assert_eq!(p.working_dir("/workspace/"), "/workspace/blocks/app");
+        assert_eq!(p.timeout_secs, Some(900));
     }
 
     #[test]
@@ -474,7 +485,7 @@ mod tests {
         );
         assert_eq!(
             p.vars["action"],
-            json!({"name": "deploy", "description": "Deploys", "playbook": "deploy.yml"})
+            json!({"name": "deploy", "description": "Deploys", "playbook": "deploy.yml", "timeout": 900})
         );
         let with_paths = p.vars_for("/workspace");
         assert_eq!(with_paths["workspace"]["path"], "/workspace");
@@ -629,6 +640,19 @@ mod tests {
         assert_eq!(value["command"]["kind"], "playbook");
         let back: JobPlan = serde_json::from_value(value).unwrap();
         assert_eq!(back, p);
+    }
+
+    #[test]
+    fn plans_without_a_timeout_parse_and_carry_none() {
+        let ws = workspace(WS);
+        let p = plan(&ws, "prod", "hello", &Map::new()).unwrap();
+        assert_eq!(p.timeout_secs, None);
+        let mut value = serde_json::to_value(&p).unwrap();
+        assert!(value.get("timeout_secs").is_none(), "left out when absent");
+        // A plan written before timeouts existed still reads.
+        value.as_object_mut().unwrap().remove("timeout_secs");
+        let back: JobPlan = serde_json::from_value(value).unwrap();
+        assert_eq!(back.timeout_secs, None);
     }
 
     #[test]

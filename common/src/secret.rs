@@ -52,10 +52,12 @@ pub fn read_secret_file(path: &Path) -> Result<Secret, String> {
     Ok(Secret(value.to_owned()))
 }
 
-/// Writes `contents` to `path` with mode 0600, creating or replacing it.
+/// Writes `contents` to `path` with mode 0600, creating or replacing it
+/// atomically: a temporary file renamed over it, so a reader or a crash sees
+/// the old contents or the new, never a mix.
 pub fn write_private_file(path: &Path, contents: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let tmp = path.with_extension("tmp");
     {
         let mut f = std::fs::OpenOptions::new()
@@ -64,6 +66,9 @@ pub fn write_private_file(path: &Path, contents: &[u8]) -> std::io::Result<()> {
             .truncate(true)
             .mode(0o600)
             .open(&tmp)?;
+        // The mode above applies only to a file created now; a temporary file
+        // left behind by an earlier crash keeps its own.
+        f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
         f.write_all(contents)?;
         f.sync_all()?;
     }
@@ -98,5 +103,15 @@ mod tests {
         write_private_file(&path, b"k").unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
+
+        // Replacing it, over a world-readable temporary file a crash left.
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, "stale").unwrap();
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644)).unwrap();
+        write_private_file(&path, b"k2").unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert_eq!(std::fs::read(&path).unwrap(), b"k2");
+        assert!(!tmp.exists());
     }
 }

@@ -179,6 +179,14 @@ pub struct Action {
     pub name: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub description: Option<String>,
+    /// Longest the action may run, in seconds, once started; the runner
+    /// stops it after that and the run ends `timed_out`. `None` is no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<u64>,
+    /// How many more times a run of this action is attempted when its
+    /// runner is lost (0 to 10). `None`: never; ops jobs are not idempotent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retries: Option<u32>,
     // Declared before `extra` so it claims its key first when deserializing.
     #[serde(flatten)]
     pub kind: ActionKind,
@@ -1166,8 +1174,17 @@ fn parse_block_value(doc: &Doc, value: &Yaml) -> Result<BlockDef, WorkspaceError
         actions.push(Action {
             name: action_name,
             description: action.string("description")?,
+            timeout: action_timeout(&action)?,
+            retries: action_retries(&action)?,
             kind,
-            extra: action.extra(&["name", "description", "playbook", "script"])?,
+            extra: action.extra(&[
+                "name",
+                "description",
+                "timeout",
+                "retries",
+                "playbook",
+                "script",
+            ])?,
         });
     }
 
@@ -1189,6 +1206,41 @@ fn parse_block_value(doc: &Doc, value: &Yaml) -> Result<BlockDef, WorkspaceError
             "from",
         ])?,
     })
+}
+
+/// `timeout:` is a whole number of seconds, at least 1. Units (`10m`) are
+/// refused rather than guessed at, and so is 0, which would read as either
+/// "no limit" or "stop at once".
+fn action_timeout(action: &Obj) -> Result<Option<u64>, WorkspaceError> {
+    let expected = "expected a whole number of seconds greater than 0";
+    match action.get("timeout") {
+        None => Ok(None),
+        Some(Yaml::Number(n)) => match n.as_u64() {
+            Some(secs) if secs > 0 => Ok(Some(secs)),
+            _ => Err(action.invalid("timeout", format!("{expected}, found the number {n}"))),
+        },
+        Some(other) => {
+            Err(action.invalid("timeout", format!("{expected}, found {}", describe(other))))
+        }
+    }
+}
+
+/// Most `retries:` an action may ask for.
+pub const MAX_RETRIES: u32 = 10;
+
+/// `retries:` is a whole number from 0 to [`MAX_RETRIES`].
+fn action_retries(action: &Obj) -> Result<Option<u32>, WorkspaceError> {
+    let expected = format!("expected a whole number from 0 to {MAX_RETRIES}");
+    match action.get("retries") {
+        None => Ok(None),
+        Some(Yaml::Number(n)) => match n.as_u64() {
+            Some(r) if r <= u64::from(MAX_RETRIES) => Ok(Some(r as u32)),
+            _ => Err(action.invalid("retries", format!("{expected}, found the number {n}"))),
+        },
+        Some(other) => {
+            Err(action.invalid("retries", format!("{expected}, found {}", describe(other))))
+        }
+    }
 }
 
 /// `script:` is a list of lines; a single string is one line. YAML turns a
@@ -1878,6 +1930,71 @@ mod tests {
             let err = parse_block(BLOCK_FILE_PATH, text).unwrap_err();
             assert_eq!(err.to_string(), expected, "for {text:?}");
         }
+    }
+
+    #[test]
+    fn action_timeouts_are_whole_seconds_above_zero() {
+        let block = |timeout: &str| {
+            format!("name: linux-patch\nactions:\n  - name: patch\n    script: [echo]\n    timeout: {timeout}\n")
+        };
+        let def = parse_block(BLOCK_FILE_PATH, &block("600")).unwrap();
+        assert_eq!(def.actions[0].timeout, Some(600));
+        assert!(
+            !def.actions[0].extra.contains_key("timeout"),
+            "timeout is a known key, not an extra"
+        );
+        let def = parse_block(BLOCK_FILE_PATH, &block("~")).unwrap();
+        assert_eq!(def.actions[0].timeout, None, "null means no limit");
+
+        let expected = "blocks/linux-patch/block.poly:5: actions[0].timeout: expected a whole number of seconds greater than 0, found";
+        for (value, found) in [
+            ("0", "the number 0"),
+            ("-5", "the number -5"),
+            ("1.5", "the number 1.5"),
+            ("10m", "'10m'"),
+            ("'600'", "'600'"),
+            ("[1]", "a list"),
+            ("true", "the boolean true"),
+        ] {
+            let err = parse_block(BLOCK_FILE_PATH, &block(value)).unwrap_err();
+            assert_eq!(
+                err.to_string(),
+                format!("{expected} {found}"),
+                "for {value}"
+            );
+        }
+    }
+
+    #[test]
+    fn action_retries_are_whole_numbers_up_to_ten() {
+        let block = |retries: &str| {
+            format!("name: linux-patch\nactions:\n  - name: patch\n    script: [echo]\n    retries: {retries}\n")
+        };
+        let def = parse_block(BLOCK_FILE_PATH, &block("2")).unwrap();
+        assert_eq!(def.actions[0].retries, Some(2));
+        assert!(!def.actions[0].extra.contains_key("retries"));
+        for bad in ["11", "-1", "1.5", "twice"] {
+            let error = parse_block(BLOCK_FILE_PATH, &block(bad))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                error.contains("blocks/linux-patch/block.poly:5: actions[0].retries: expected a whole number from 0 to 10"),
+                "{bad}: {error}"
+            );
+        }
+    }
+
+    #[test]
+    fn action_timeout_survives_the_json_round_trip() {
+        let def = parse_block(
+            BLOCK_FILE_PATH,
+            "name: linux-patch\nactions:\n  - name: patch\n    script: [echo]\n    timeout: 30\n",
+        )
+        .unwrap();
+        let json = serde_json::to_value(&def.actions[0]).unwrap();
+        assert_eq!(json["timeout"], 30);
+        let back: Action = serde_json::from_value(json).unwrap();
+        assert_eq!(back, def.actions[0]);
     }
 
     #[test]

@@ -5,14 +5,15 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use axum::body::Bytes;
-use axum::extract::rejection::{BytesRejection, JsonRejection};
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::JsonRejection;
 use axum::extract::{DefaultBodyLimit, OriginalUri, Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use chrono::{DateTime, SecondsFormat, Utc};
+use futures_util::StreamExt;
 use muster_common::bundle::{Bundle, BundleError, Limits};
 use muster_common::pki::CertificateAuthority;
 use muster_common::plan::{self, PlanError};
@@ -23,25 +24,25 @@ use serde_json::{json, Value};
 use uuid::Uuid;
 
 use crate::auth::Caller;
-use crate::dispatch::Dispatcher;
+use crate::bus::{announce, Bus, Event};
 use crate::error::{Code, ServiceError};
 use crate::store::{
-    ApiKey, NewApiKey, NewJoinToken, NewRun, Page, Role, Run, RunFilter, RunStatus, Runner, Scope,
-    Store, Workspace,
+    ApiKey, CancelOutcome, NewApiKey, NewJoinToken, NewRun, Page, Role, Run, RunFilter, RunStatus,
+    Runner, Scope, Store, Workspace,
 };
 
 #[derive(Clone)]
 pub struct AppState {
     pub store: Arc<dyn Store>,
-    pub dispatcher: Arc<Dispatcher>,
+    pub bus: Arc<dyn Bus>,
     pub ca: Arc<CertificateAuthority>,
+    pub revoker: crate::revocation::Revoker,
     pub max_bundle_bytes: u64,
 }
 
 type ApiResult<T> = Result<T, ServiceError>;
 
 pub fn router(state: AppState) -> Router {
-    let bundle_limit = state.max_bundle_bytes as usize;
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
@@ -53,9 +54,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/api-keys/{id}/", delete(revoke_api_key))
         .route(
             "/api/v1/workspaces/",
-            get(list_workspaces)
-                .post(push_workspace)
-                .layer(DefaultBodyLimit::max(bundle_limit)),
+            get(list_workspaces).post(push_workspace),
         )
         .route("/api/v1/workspaces/{name}/", get(get_workspace))
         .route("/api/v1/workspaces/{name}/actions", post(trigger))
@@ -63,12 +62,19 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/action-runs/", get(list_runs))
         .route("/api/v1/action-runs/{id}/", get(get_run))
         .route("/api/v1/action-runs/{id}/logs/", get(run_logs))
+        .route("/api/v1/action-runs/{id}/cancel/", post(cancel_run))
+        .route("/api/v1/action-runs/{id}/artifacts/", get(list_artifacts))
+        .route(
+            "/api/v1/action-runs/{id}/artifacts/{*path}",
+            get(get_artifact),
+        )
         .route("/api/v1/runners/", get(list_runners))
+        .route("/api/v1/runners/{id}/", delete(revoke_runner))
         .route("/api/v1/runners/join-tokens/", post(create_join_token))
         .fallback(|| async {
             ServiceError::not_found("no such endpoint; the API lives under /api/v1/")
         })
-        // JSON bodies are small; bundles have their own limit above.
+        // JSON bodies are small; bundles are bounded by `read_bundle`.
         .layer(DefaultBodyLimit::max(1024 * 1024))
         .with_state(state)
 }
@@ -177,6 +183,10 @@ fn base_url(headers: &HeaderMap) -> String {
         .and_then(|h| h.to_str().ok())
         .map(|h| format!("http://{h}"))
         .unwrap_or_default()
+}
+
+fn run_not_found(id: Uuid) -> ServiceError {
+    ServiceError::not_found(format!("run '{id}' not found"))
 }
 
 fn parse_id(s: &str, what: &str) -> ApiResult<Uuid> {
@@ -446,28 +456,59 @@ fn bundle_error(e: BundleError) -> ServiceError {
     }
 }
 
+/// How much of a too-large bundle is read and thrown away before it is refused. A client
+/// that is still sending when the server answers and closes sees a reset connection, not
+/// the 413 that says what was wrong; reading on lets an oversized push of a sane size end
+/// with that message.
+const OVERSIZE_DRAIN_BYTES: u64 = 64 * 1024 * 1024;
+
+/// Reads a workspace bundle of at most `limit` bytes.
+async fn read_bundle(headers: &HeaderMap, body: Body, limit: u64) -> ApiResult<Bytes> {
+    let too_large = || {
+        ServiceError::new(
+            Code::TooLarge,
+            format!(
+                "workspace bundle is larger than the coordinator's limit of {} MiB",
+                limit / (1024 * 1024)
+            ),
+        )
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse::<u64>().ok());
+    if declared.is_some_and(|length| length > limit.saturating_add(OVERSIZE_DRAIN_BYTES)) {
+        return Err(too_large());
+    }
+    let mut stream = body.into_data_stream();
+    let mut buffer = Vec::new();
+    let mut seen: u64 = 0;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| {
+            ServiceError::bad_request(format!("could not read the request body: {e}"))
+        })?;
+        seen += chunk.len() as u64;
+        if seen > limit.saturating_add(OVERSIZE_DRAIN_BYTES) {
+            break;
+        }
+        if seen <= limit {
+            buffer.extend_from_slice(&chunk);
+        }
+    }
+    if seen > limit {
+        return Err(too_large());
+    }
+    Ok(Bytes::from(buffer))
+}
+
 async fn push_workspace(
     State(state): State<AppState>,
     caller: Caller,
-    body: Result<Bytes, BytesRejection>,
+    headers: HeaderMap,
+    body: Body,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     caller.require(Role::WorkspaceAdmin, "push workspaces")?;
-    let body = body.map_err(|rejection| {
-        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ServiceError::new(
-                Code::TooLarge,
-                format!(
-                    "workspace bundle is larger than the coordinator's limit of {} MiB",
-                    state.max_bundle_bytes / (1024 * 1024)
-                ),
-            )
-        } else {
-            ServiceError::bad_request(format!(
-                "could not read the request body: {}",
-                rejection.body_text()
-            ))
-        }
-    })?;
+    let body = read_bundle(&headers, body, state.max_bundle_bytes).await?;
     if body.is_empty() {
         return Err(ServiceError::bad_request(
             "the request body is empty; send the workspace as a gzip'd tar archive",
@@ -599,6 +640,31 @@ pub struct TriggerParameters {
     /// The CI system that triggered the run, when the caller says so.
     #[serde(default)]
     ci: Option<String>,
+    /// Seconds the run may take once started; overrides the action's `timeout:`.
+    #[serde(default)]
+    timeout: Option<Value>,
+    /// Further attempts when the runner is lost; overrides the action's `retries:`.
+    #[serde(default)]
+    retries: Option<Value>,
+}
+
+/// A whole number in `range` from a trigger's parameter, or a clear error.
+fn whole_number(
+    value: &Option<Value>,
+    name: &str,
+    range: std::ops::RangeInclusive<u64>,
+) -> ApiResult<Option<u64>> {
+    match value {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => match v.as_u64().filter(|n| range.contains(n)) {
+            Some(n) => Ok(Some(n)),
+            None => Err(ServiceError::bad_request(format!(
+                "parameters.{name}: expected a whole number from {} to {}, found {v}",
+                range.start(),
+                range.end()
+            ))),
+        },
+    }
 }
 
 /// The CI system, from what the caller says or its User-Agent.
@@ -647,10 +713,18 @@ pub fn run_json(base: &str, run: &Run) -> Value {
         "bundle_digest": run.bundle_digest,
         "attempt": run.attempt,
         "fencing_token": run.fencing_token,
+        "max_attempts": run.max_attempts,
+        "timeout": run.timeout_secs,
         "created_at": time(run.created_at),
         "leased_at": opt_time(run.leased_at),
         "started_at": opt_time(run.started_at),
         "finished_at": opt_time(run.finished_at),
+        "cancel_requested_at": opt_time(run.cancel_requested_at),
+        "log": run.log_check.as_ref().map(|c| json!({
+            "bytes": c.bytes,
+            "sha256": c.sha256,
+            "verified": c.verified,
+        })),
     })
 }
 
@@ -685,12 +759,25 @@ async fn trigger(
             "reason: longer than 4096 characters",
         ));
     }
+    let timeout = whole_number(&body.parameters.timeout, "timeout", 1..=7 * 24 * 3600)?;
+    let retries = whole_number(
+        &body.parameters.retries,
+        "retries",
+        0..=u64::from(muster_common::workspace::MAX_RETRIES),
+    )?;
     let model = loaded_model(&ws)?;
-    let job = plan::plan(&model, &body.block, &body.action, &extra_vars).map_err(|e| match e {
-        PlanError::UnknownBlock { .. } | PlanError::UnknownAction { .. } => {
-            ServiceError::unprocessable(e.to_string())
-        }
-    })?;
+    let mut job =
+        plan::plan(&model, &body.block, &body.action, &extra_vars).map_err(|e| match e {
+            PlanError::UnknownBlock { .. } | PlanError::UnknownAction { .. } => {
+                ServiceError::unprocessable(e.to_string())
+            }
+        })?;
+    if timeout.is_some() {
+        job.timeout_secs = timeout;
+    }
+    if let Some(retries) = retries {
+        job.retries = Some(retries as u32);
+    }
     let block_version = job.block_version.clone();
     let trigger = json!({
         "api_key": caller.key_name,
@@ -699,7 +786,12 @@ async fn trigger(
         "ci": ci_system(&headers, body.parameters.ci.as_deref()),
         "user_agent": headers.get(header::USER_AGENT).and_then(|v| v.to_str().ok()).map(|s| s.chars().take(256).collect::<String>()),
     });
-    let parameters = json!({ "extra_vars": Value::Object(extra_vars), "runner_labels": body.parameters.runner_labels });
+    let parameters = json!({
+        "extra_vars": Value::Object(extra_vars),
+        "runner_labels": body.parameters.runner_labels,
+        "timeout": timeout,
+        "retries": retries,
+    });
     let run = state
         .store
         .create_run(NewRun {
@@ -716,9 +808,12 @@ async fn trigger(
             plan: serde_json::to_value(&job)
                 .map_err(|e| ServiceError::new(Code::Internal, e.to_string()))?,
             runner_labels: body.parameters.runner_labels,
+            max_attempts: 1 + job.retries.unwrap_or(0) as i32,
+            timeout_secs: job.timeout_secs.map(|t| t as i64),
         })
         .await?;
-    state.dispatcher.wake();
+    // Were this lost, the dispatchers' fallback tick finds the run a moment later.
+    announce(&*state.bus, Event::RunQueued { run_id: run.id }).await;
     tracing::info!(run_id = %run.id, workspace = %run.workspace, block = %run.block, action = %run.action, by = %caller.identity.name, "run queued");
     let base = base_url(&headers);
     Ok((
@@ -792,13 +887,106 @@ async fn get_run(
         .store
         .run(caller.scope(), id)
         .await?
-        .ok_or_else(|| ServiceError::not_found(format!("run '{id}' not found")))?;
+        .ok_or_else(|| run_not_found(id))?;
     Ok(Json(run_json(&base_url(&headers), &run)))
 }
 
 #[derive(Debug, Deserialize)]
 pub struct LogQuery {
     after_seq: Option<String>,
+}
+
+/// The files the run's job left in its block's artifacts directory.
+async fn list_artifacts(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult<Json<Value>> {
+    let id = parse_id(&id, "run")?;
+    let list = state
+        .store
+        .artifacts(caller.scope(), id)
+        .await?
+        .ok_or_else(|| run_not_found(id))?;
+    let base = base_url(&headers);
+    let results: Vec<Value> = list
+        .iter()
+        .map(|a| {
+            json!({
+                "path": a.path,
+                "size": a.size,
+                "sha256": a.sha256,
+                "url": format!("{base}/api/v1/action-runs/{id}/artifacts/{}", a.path),
+            })
+        })
+        .collect();
+    Ok(Json(
+        json!({ "count": results.len(), "next": null, "previous": null, "results": results }),
+    ))
+}
+
+async fn get_artifact(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((id, path)): Path<(String, String)>,
+) -> ApiResult<Response> {
+    let id = parse_id(&id, "run")?;
+    let data = state
+        .store
+        .artifact(caller.scope(), id, &path)
+        .await?
+        .ok_or_else(|| ServiceError::not_found(format!("run '{id}' has no artifact '{path}'")))?;
+    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], data).into_response())
+}
+
+/// Cancels a run: a queued one at once (200, `canceled`); a leased or
+/// running one is stopped by its runner (202; it ends `canceled` with its
+/// log up to that point); one that has ended answers 409.
+async fn cancel_run(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    caller.require(Role::User, "cancel runs")?;
+    let id = parse_id(&id, "run")?;
+    let outcome = state
+        .store
+        .cancel_run(caller.scope(), id, chrono::Utc::now())
+        .await?
+        .ok_or_else(|| run_not_found(id))?;
+    let base = base_url(&headers);
+    match outcome {
+        CancelOutcome::Canceled(run) => {
+            tracing::info!(run_id = %run.id, by = %caller.identity.name, "queued run canceled");
+            let finished = Event::Finished {
+                run_id: run.id,
+                status: run.status,
+                exit_code: None,
+            };
+            announce(&*state.bus, finished).await;
+            Ok((StatusCode::OK, Json(run_json(&base, &run))))
+        }
+        CancelOutcome::Requested(run) => {
+            tracing::info!(run_id = %run.id, by = %caller.identity.name, "cancel requested");
+            if let Some(runner_id) = run.runner_id {
+                let cancel = Event::CancelRun {
+                    run_id: run.id,
+                    runner_id,
+                    fencing_token: run.fencing_token,
+                };
+                // Were this lost, the stored request reaches the runner when
+                // its run starts or it reconnects.
+                announce(&*state.bus, cancel).await;
+            }
+            Ok((StatusCode::ACCEPTED, Json(run_json(&base, &run))))
+        }
+        CancelOutcome::AlreadyFinal(run) => Err(ServiceError::new(
+            Code::Conflict,
+            format!("run '{id}' has already ended ({})", run.status.as_str()),
+        )),
+    }
 }
 
 /// The run's log as plain text, in order. `?after_seq=N` returns only what
@@ -809,20 +997,42 @@ async fn run_logs(
     caller: Caller,
     Path(id): Path<String>,
     Query(q): Query<LogQuery>,
+    headers: HeaderMap,
 ) -> ApiResult<Response> {
     let id = parse_id(&id, "run")?;
-    let after = match q.after_seq.as_deref() {
-        None => 0,
-        Some(s) => s.parse::<i64>().ok().filter(|n| *n >= 0).ok_or_else(|| {
-            ServiceError::bad_request(format!("after_seq: expected a whole number, found '{s}'"))
-        })?,
+    let seq = |what: &str, s: &str| {
+        s.parse::<i64>().ok().filter(|n| *n >= 0).ok_or_else(|| {
+            ServiceError::bad_request(format!("{what}: expected a whole number, found '{s}'"))
+        })
     };
+    let resume = headers
+        .get("last-event-id")
+        .map(|v| seq("Last-Event-ID", v.to_str().unwrap_or("?")))
+        .transpose()?;
+    let after = match (resume, q.after_seq.as_deref()) {
+        (Some(n), _) => n,
+        (None, Some(s)) => seq("after_seq", s)?,
+        (None, None) => 0,
+    };
+    let live = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("text/event-stream"));
+    if live {
+        if state.store.run(caller.scope(), id).await?.is_none() {
+            return Err(run_not_found(id));
+        }
+        let events = crate::tail::tail(state.store.clone(), state.bus.clone(), id, after);
+        return Ok(axum::response::sse::Sse::new(events)
+            .keep_alive(axum::response::sse::KeepAlive::default())
+            .into_response());
+    }
     // Read the status first: a run seen final here has its whole log stored.
     let run = state
         .store
         .run(caller.scope(), id)
         .await?
-        .ok_or_else(|| ServiceError::not_found(format!("run '{id}' not found")))?;
+        .ok_or_else(|| run_not_found(id))?;
     let mut text = Vec::new();
     let mut last = after;
     loop {
@@ -863,6 +1073,8 @@ fn runner_json(r: &Runner) -> Value {
         "capacity": r.capacity,
         "active_runs": r.active_runs,
         "status": if r.revoked_at.is_some() { "revoked" } else if r.connected { "online" } else { "offline" },
+        "connected": r.connected,
+        "revoked_at": opt_time(r.revoked_at),
         "version": r.version,
         "instance_wide": r.org_id.is_none(),
         "certificate_expires_at": time(r.cert_not_after),
@@ -887,6 +1099,37 @@ async fn list_runners(
         count,
         runners.iter().map(runner_json).collect(),
     )))
+}
+
+/// Revokes a runner (204): its certificates are refused at the handshake
+/// from now on, its stream is closed, and its leased or running runs end
+/// `lost`. Org admins revoke their organization's runners; instance-wide
+/// runners only super admins (403). Revoking again changes nothing (204).
+async fn revoke_runner(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    caller.require(Role::OrgAdmin, "revoke runners")?;
+    let id = parse_id(&id, "runner")?;
+    if let Some(runner) = state.revoker.revoke(caller.scope(), id, Utc::now()).await? {
+        tracing::warn!(runner_id = %id, runner = %runner.name, by = %caller.identity.name, "runner revoked");
+        return Ok(StatusCode::NO_CONTENT);
+    }
+    // Not in the caller's organization: an instance-wide runner, which it
+    // sees but may not revoke, or none it may know of.
+    let instance_wide = state
+        .store
+        .runner(id)
+        .await?
+        .is_some_and(|r| r.org_id.is_none());
+    if instance_wide {
+        Err(ServiceError::forbidden(
+            "only super admins revoke instance-wide runners",
+        ))
+    } else {
+        Err(ServiceError::not_found(format!("runner '{id}' not found")))
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -17,7 +17,9 @@ pub struct Config {
     #[arg(long, env = "MUSTER_GRPC_ADDR", default_value = "127.0.0.1:8443")]
     pub grpc_addr: SocketAddr,
 
-    /// PostgreSQL URL (`postgres://user:password@host/db`).
+    /// PostgreSQL URL (`postgres://user:password@host/db`). Without one, the
+    /// coordinator keeps its state in `<data-dir>/muster.db` (embedded SQLite,
+    /// for a single coordinator).
     #[arg(
         long,
         env = "MUSTER_DATABASE_URL",
@@ -30,7 +32,8 @@ pub struct Config {
     #[arg(long, env = "MUSTER_DATABASE_URL_FILE")]
     pub database_url_file: Option<PathBuf>,
 
-    /// Where the CA, the server certificate and the admin API key live.
+    /// Where the CA, the admin API key and (without a database URL) the
+    /// embedded database live.
     #[arg(long, env = "MUSTER_DATA_DIR", default_value = "./muster-data")]
     pub data_dir: PathBuf,
 
@@ -43,58 +46,88 @@ pub struct Config {
     #[arg(long, env = "MUSTER_MAX_BUNDLE_MIB", default_value_t = 64)]
     pub max_bundle_mib: u64,
 
+    /// Largest total of one run's artifacts, compressed, in MiB.
+    #[arg(long, env = "MUSTER_MAX_ARTIFACTS_MIB", default_value_t = 100)]
+    pub max_artifacts_mib: u64,
+
     /// How long a lease lasts without a heartbeat from its runner, in seconds.
-    #[arg(long, env = "MUSTER_LEASE_TTL", default_value_t = 30)]
+    #[arg(long = "lease-ttl", env = "MUSTER_LEASE_TTL", default_value_t = 30)]
     pub lease_ttl_secs: u64,
 
-    /// Validity of runner client certificates, in days.
+    /// Validity of runner client certificates, in days. Runners renew theirs
+    /// over their stream once less than a third of it is left.
     #[arg(long, env = "MUSTER_RUNNER_CERT_DAYS", default_value_t = 30)]
     pub runner_cert_days: u64,
+
+    /// Overrides `runner_cert_days` to the second, for tests and embedders
+    /// that need certificates to come due quickly. No flag sets it.
+    #[arg(skip)]
+    pub runner_cert_validity: Option<Duration>,
 
     /// Most database connections this coordinator opens.
     #[arg(long, env = "MUSTER_DATABASE_MAX_CONNECTIONS", default_value_t = 16)]
     pub database_max_connections: usize,
 }
 
+/// Where the coordinator keeps its state.
+#[derive(Debug, Clone)]
+pub enum Database {
+    Postgres(Secret),
+    Sqlite(PathBuf),
+}
+
 impl Config {
     /// A configuration for tests and embedding: loopback on ephemeral ports.
-    pub fn for_tests(database_url: &str, data_dir: PathBuf) -> Config {
+    /// `database_url` `None` is the embedded SQLite database.
+    pub fn for_tests(database_url: Option<&str>, data_dir: PathBuf) -> Config {
         Config {
             http_addr: "127.0.0.1:0".parse().expect("valid address"),
             grpc_addr: "127.0.0.1:0".parse().expect("valid address"),
-            database_url: Some(Secret::new(database_url)),
+            database_url: database_url.map(Secret::new),
             database_url_file: None,
             data_dir,
             tls_sans: Vec::new(),
             max_bundle_mib: 64,
+            max_artifacts_mib: 100,
             lease_ttl_secs: 30,
             runner_cert_days: 30,
+            runner_cert_validity: None,
             database_max_connections: 8,
         }
     }
 
-    /// The database URL, from the flag or the file; checked at start.
-    pub fn database_url(&self) -> Result<Secret, String> {
-        match (&self.database_url, &self.database_url_file) {
-            (Some(url), _) => Ok(url.clone()),
+    /// The database to use: PostgreSQL when a URL is given (flag or file),
+    /// else the embedded SQLite file in the data directory.
+    pub fn database(&self) -> Result<Database, String> {
+        let url = match (&self.database_url, &self.database_url_file) {
+            (Some(url), _) => url.clone(),
             (None, Some(path)) => {
-                read_secret_file(path).map_err(|e| format!("--database-url-file: {e}"))
+                read_secret_file(path).map_err(|e| format!("--database-url-file: {e}"))?
             }
-            (None, None) => Err(
-                "no database configured: pass --database-url (or MUSTER_DATABASE_URL) with a \
-                 postgres:// URL; the embedded SQLite default is not available in this version"
-                    .to_owned(),
-            ),
+            (None, None) => return Ok(Database::Sqlite(self.data_dir.join("muster.db"))),
+        };
+        if !(url.expose().starts_with("postgres://") || url.expose().starts_with("postgresql://")) {
+            return Err("--database-url: expected a postgres:// URL (leave it out to use the embedded SQLite database)".to_owned());
         }
+        Ok(Database::Postgres(url))
     }
 
     pub fn validate(&self) -> Result<(), String> {
-        let url = self.database_url()?;
-        if !(url.expose().starts_with("postgres://") || url.expose().starts_with("postgresql://")) {
-            return Err("--database-url: expected a postgres:// URL".to_owned());
-        }
+        self.database()?;
         if self.max_bundle_mib == 0 {
             return Err("--max-bundle-mib: must be at least 1".to_owned());
+        }
+        if !(1..=3650).contains(&self.runner_cert_days) {
+            return Err(format!(
+                "--runner-cert-days: {} is out of range, expected 1 to 3650",
+                self.runner_cert_days
+            ));
+        }
+        if self
+            .runner_cert_validity
+            .is_some_and(|v| v < Duration::from_secs(1) || v > Duration::from_secs(3650 * 86_400))
+        {
+            return Err("runner certificate validity: expected 1 second to 3650 days".to_owned());
         }
         if self.lease_ttl_secs < 5 {
             return Err(format!(
@@ -105,8 +138,18 @@ impl Config {
         Ok(())
     }
 
+    /// How long a runner certificate is valid.
+    pub fn runner_cert_validity(&self) -> Duration {
+        self.runner_cert_validity
+            .unwrap_or(Duration::from_secs(self.runner_cert_days * 24 * 3600))
+    }
+
     pub fn lease_ttl(&self) -> Duration {
         Duration::from_secs(self.lease_ttl_secs)
+    }
+
+    pub fn max_artifact_bytes(&self) -> u64 {
+        self.max_artifacts_mib * 1024 * 1024
     }
 
     pub fn max_bundle_bytes(&self) -> u64 {

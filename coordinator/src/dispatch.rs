@@ -1,22 +1,24 @@
 //! Pushes leases to connected runners with free capacity.
 //!
 //! The dispatcher keeps, per coordinator, the runners whose streams this
-//! coordinator holds and how many runs each is executing. It wakes when a run
-//! is queued here, when a runner connects or finishes a run, and on a short
-//! fallback tick (runs queued through another coordinator sharing the
-//! database). Claiming is the store's atomic `claim_run`, so coordinators
-//! racing for one run never both lease it.
+//! coordinator holds and how many runs each is executing. It wakes when the
+//! bus says a run was queued, when a runner connects or finishes a run, and
+//! on a short fallback tick (a wake-up the bus lost). Claiming is the store's
+//! atomic `claim_run`, so coordinators racing for one run never both lease
+//! it. It also forwards the bus's cancel signals to the runners it holds, and
+//! closes the stream of a runner that was revoked.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use muster_proto::runner::v1::{coordinator_message, CoordinatorMessage, Lease};
-use tokio::sync::{mpsc, Notify};
+use muster_proto::runner::v1::{coordinator_message, CancelRun, CoordinatorMessage, Lease};
+use tokio::sync::{broadcast, mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::store::{Claim, Fenced, Run, Store};
+use crate::bus::{announce, Bus, Event, Topic};
+use crate::store::{Claim, Fenced, Run, RunStatus, Store};
 
 /// How often the dispatcher looks for work it was not told about.
 const FALLBACK_TICK: Duration = Duration::from_secs(1);
@@ -28,12 +30,26 @@ struct Slot {
     org: Option<Uuid>,
     labels: BTreeMap<String, String>,
     capacity: usize,
-    running: HashSet<Uuid>,
+    /// The runs this runner holds through this coordinator, with their
+    /// fencing tokens.
+    running: HashMap<Uuid, i64>,
     outbox: Outbox,
+    /// Fired when the runner must be cut off (it was revoked): its session
+    /// ends the stream.
+    kicked: CancellationToken,
+}
+
+/// A runner's registered stream, as `connect` returns it.
+pub struct Session {
+    /// What to pass to `disconnect`.
+    pub id: u64,
+    /// Fires when the dispatcher cuts the runner off; the stream must end.
+    pub kicked: CancellationToken,
 }
 
 pub struct Dispatcher {
     store: Arc<dyn Store>,
+    bus: Arc<dyn Bus>,
     lease_ttl: Duration,
     runners: Mutex<HashMap<Uuid, Slot>>,
     wake: Notify,
@@ -41,14 +57,20 @@ pub struct Dispatcher {
 }
 
 impl Dispatcher {
-    pub fn new(store: Arc<dyn Store>, lease_ttl: Duration) -> Arc<Self> {
+    pub fn new(store: Arc<dyn Store>, bus: Arc<dyn Bus>, lease_ttl: Duration) -> Arc<Self> {
         Arc::new(Dispatcher {
             store,
+            bus,
             lease_ttl,
             runners: Mutex::new(HashMap::new()),
             wake: Notify::new(),
             next_session: std::sync::atomic::AtomicU64::new(1),
         })
+    }
+
+    /// How long a lease lasts without a heartbeat.
+    pub fn lease_ttl(&self) -> Duration {
+        self.lease_ttl
     }
 
     /// Asks for a dispatch pass soon. Wake-ups are never lost: one that comes
@@ -58,19 +80,21 @@ impl Dispatcher {
     }
 
     /// Registers a runner's stream; a newer session replaces an older one of
-    /// the same runner. Returns the session id to pass to `disconnect`.
+    /// the same runner. `running` are the runs it holds, with their fencing
+    /// tokens.
     pub fn connect(
         &self,
         runner_id: Uuid,
         org: Option<Uuid>,
         labels: BTreeMap<String, String>,
         capacity: usize,
-        running: HashSet<Uuid>,
+        running: HashMap<Uuid, i64>,
         outbox: Outbox,
-    ) -> u64 {
+    ) -> Session {
         let session = self
             .next_session
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let kicked = CancellationToken::new();
         let slot = Slot {
             session,
             org,
@@ -78,13 +102,48 @@ impl Dispatcher {
             capacity,
             running,
             outbox,
+            kicked: kicked.clone(),
         };
         self.runners
             .lock()
             .expect("dispatcher lock")
             .insert(runner_id, slot);
         self.wake();
-        session
+        Session {
+            id: session,
+            kicked,
+        }
+    }
+
+    /// Cuts a runner off at once: it is told to stop the runs it holds
+    /// through this coordinator, gets no further lease, and its session ends
+    /// the stream. Returns whether this coordinator held its stream.
+    pub fn kick(&self, runner_id: Uuid) -> bool {
+        let slot = self
+            .runners
+            .lock()
+            .expect("dispatcher lock")
+            .remove(&runner_id);
+        let Some(slot) = slot else { return false };
+        for (run_id, token) in &slot.running {
+            // Queued before the session's closing status, so said first.
+            let _ = slot.outbox.try_send(Ok(cancel_message(*run_id, *token)));
+        }
+        slot.kicked.cancel();
+        true
+    }
+
+    /// Kicks every runner `doomed` says must go; returns their ids.
+    pub fn kick_where(&self, doomed: impl Fn(Uuid) -> bool) -> Vec<Uuid> {
+        let ids: Vec<Uuid> = self
+            .runners
+            .lock()
+            .expect("dispatcher lock")
+            .keys()
+            .copied()
+            .filter(|id| doomed(*id))
+            .collect();
+        ids.into_iter().filter(|id| self.kick(*id)).collect()
     }
 
     pub fn disconnect(&self, runner_id: Uuid, session: u64) {
@@ -94,6 +153,18 @@ impl Dispatcher {
             .is_some_and(|s| s.session == session)
         {
             runners.remove(&runner_id);
+        }
+    }
+
+    /// The runner shuts down: it gets no further lease on this stream.
+    pub fn drain(&self, runner_id: Uuid) {
+        if let Some(slot) = self
+            .runners
+            .lock()
+            .expect("dispatcher lock")
+            .get_mut(&runner_id)
+        {
+            slot.capacity = 0;
         }
     }
 
@@ -111,15 +182,59 @@ impl Dispatcher {
     }
 
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut queued = self.bus.subscribe(Topic::Queue);
+        let mut control = self.bus.subscribe(Topic::Control);
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = self.wake.notified() => {}
+                event = queued.recv() => {
+                    if matches!(event, Err(broadcast::error::RecvError::Closed)) {
+                        queued = self.bus.subscribe(Topic::Queue);
+                    }
+                }
+                event = control.recv() => {
+                    match event {
+                        Ok(event) => self.forward_cancel(event).await,
+                        Err(broadcast::error::RecvError::Closed) => {
+                            control = self.bus.subscribe(Topic::Control);
+                        }
+                        Err(broadcast::error::RecvError::Lagged(missed)) => {
+                            tracing::warn!(missed, "cancel signals were missed; runners learn of them when they report");
+                        }
+                    }
+                    continue;
+                }
                 _ = tokio::time::sleep(FALLBACK_TICK) => {}
             }
             if let Err(error) = self.dispatch_pass().await {
                 tracing::warn!(%error, "dispatch pass failed");
                 tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+
+    /// Tells the runner of a canceled run to stop it, if this coordinator
+    /// holds that runner's stream.
+    async fn forward_cancel(&self, event: Event) {
+        let Event::CancelRun {
+            run_id,
+            runner_id,
+            fencing_token,
+        } = event
+        else {
+            return;
+        };
+        let outbox = self
+            .runners
+            .lock()
+            .expect("dispatcher lock")
+            .get(&runner_id)
+            .map(|slot| slot.outbox.clone());
+        if let Some(outbox) = outbox {
+            let message = cancel_message(run_id, fencing_token);
+            if outbox.send(Ok(message)).await.is_ok() {
+                tracing::info!(run_id = %run_id, runner_id = %runner_id, "asked the runner to cancel the run");
             }
         }
     }
@@ -195,12 +310,13 @@ impl Dispatcher {
                     .map(|t| t.timestamp_millis())
                     .unwrap_or_default(),
                 attempt: run.attempt as u32,
+                log_seq_base: run.log_seq_base as u64,
             })),
         };
         let outbox = {
             let mut runners = self.runners.lock().expect("dispatcher lock");
             runners.get_mut(&runner_id).map(|slot| {
-                slot.running.insert(run.id);
+                slot.running.insert(run.id, run.fencing_token);
                 slot.outbox.clone()
             })
         };
@@ -225,4 +341,84 @@ impl Dispatcher {
         }
         Ok(false)
     }
+}
+
+/// How often leases are checked for expiry.
+const EXPIRY_TICK: Duration = Duration::from_secs(1);
+
+/// Takes runs whose lease ran out (their runner stopped heartbeating: it
+/// died, froze, or is cut off past the lease TTL) from their runner: queued
+/// again when the action allows retries, else `lost` or `timed_out`. Every
+/// coordinator runs this; the fencing token makes each run's change apply once.
+pub async fn expire_leases(
+    store: Arc<dyn Store>,
+    bus: Arc<dyn Bus>,
+    lease_ttl: Duration,
+    shutdown: CancellationToken,
+) {
+    let reason = format!(
+        "its runner stopped responding (no heartbeat for {} s)",
+        lease_ttl.as_secs()
+    );
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(EXPIRY_TICK) => {}
+        }
+        let expired = match store.expired_leases(chrono::Utc::now(), 100).await {
+            Ok(expired) => expired,
+            Err(error) => {
+                tracing::warn!(%error, "could not look for expired leases");
+                continue;
+            }
+        };
+        for (run_id, token) in expired {
+            if let Err(error) = abandon(&*store, &*bus, run_id, token, &reason).await {
+                tracing::warn!(run_id = %run_id, %error, "could not end a run whose lease expired");
+            }
+        }
+    }
+}
+
+pub(crate) fn cancel_message(run_id: Uuid, fencing_token: i64) -> CoordinatorMessage {
+    CoordinatorMessage {
+        kind: Some(coordinator_message::Kind::Cancel(CancelRun {
+            run_id: run_id.to_string(),
+            fencing_token: fencing_token as u64,
+        })),
+    }
+}
+
+/// Takes a run from a runner that no longer executes it (see
+/// `Store::abandon_run`) and announces the outcome: queued again for
+/// another attempt, or ended `lost` / `timed_out`.
+pub async fn abandon(
+    store: &dyn Store,
+    bus: &dyn Bus,
+    run_id: Uuid,
+    token: i64,
+    reason: &str,
+) -> Result<(), crate::store::StoreError> {
+    let Some(run) = store
+        .abandon_run(run_id, token, reason, chrono::Utc::now())
+        .await?
+    else {
+        return Ok(());
+    };
+    if run.status == RunStatus::Queued {
+        tracing::warn!(run_id = %run.id, attempt = run.attempt, max_attempts = run.max_attempts, reason, "runner lost; the run is queued for another attempt");
+        announce(bus, Event::RunQueued { run_id: run.id }).await;
+    } else {
+        tracing::warn!(run_id = %run.id, status = run.status.as_str(), reason, "run ended without its runner");
+        announce(
+            bus,
+            Event::Finished {
+                run_id: run.id,
+                status: run.status,
+                exit_code: None,
+            },
+        )
+        .await;
+    }
+    Ok(())
 }

@@ -1,7 +1,7 @@
 //! The gRPC runner service: enrollment, the runner's long-lived stream, and
 //! bundle downloads, behind a TLS acceptor and one authorization layer.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -13,9 +13,10 @@ use muster_common::pki::{runner_cert_info, CertificateAuthority, RunnerCert};
 use muster_common::token::{self, TokenKind};
 use muster_proto::runner::v1::runner_service_server::{RunnerService, RunnerServiceServer};
 use muster_proto::runner::v1::{
-    coordinator_message, runner_message, BundleChunk, CoordinatorMessage, EnrollRequest,
-    EnrollResponse, FetchBundleRequest, FinishedAck, LogAck, LogStream, Reject, RunFinished,
-    RunOutcome, RunnerMessage,
+    coordinator_message, runner_message, ArtifactChunk, ArtifactsStored, BundleChunk,
+    CertificateRenewed, CoordinatorMessage, EnrollRequest, EnrollResponse, FetchBundleRequest,
+    FinishedAck, LogAck, LogStream, Reject, RenewCertificate, RunFinished, RunOutcome, RunRef,
+    RunnerMessage,
 };
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
@@ -26,9 +27,12 @@ use tonic::transport::server::Connected;
 use tonic::{Request, Response, Status, Streaming};
 use uuid::Uuid;
 
+use crate::bus::{announce, Bus, Event};
 use crate::dispatch::Dispatcher;
+use crate::revocation::Revocations;
 use crate::store::{
-    Fenced, JoinTokenRefusal, LogChunk, NewRunner, RunEnd, RunStart, RunStatus, Scope, Store,
+    Fenced, JoinTokenRefusal, LogCheck, LogChunk, NewRunner, RunEnd, RunStart, RunStatus, Scope,
+    Store,
 };
 use crate::tls::{Peer, ServerTls, ENROLL_SERVER_NAME};
 
@@ -37,6 +41,11 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 const BUNDLE_CHUNK: usize = 1024 * 1024;
 const MAX_LOG_CHUNK: usize = 1024 * 1024;
+/// A PEM certificate signing request is well under 2 KiB.
+const MAX_CSR_PEM: usize = 16 * 1024;
+/// How soon after a renewal a stream may ask for another: a runner asks at
+/// connect and then hourly, so more is a runner gone wrong.
+const MIN_RENEWAL_INTERVAL: Duration = Duration::from_secs(60);
 
 /// A TLS connection to the gRPC port and what its handshake proved.
 pub struct RunnerConn {
@@ -197,9 +206,12 @@ where
 
 pub struct RunnerServiceImpl {
     pub store: Arc<dyn Store>,
+    pub bus: Arc<dyn Bus>,
     pub dispatcher: Arc<Dispatcher>,
     pub ca: Arc<CertificateAuthority>,
     pub runner_cert_validity: Duration,
+    pub max_artifact_bytes: u64,
+    pub revocations: Arc<Revocations>,
     pub shutdown: CancellationToken,
 }
 
@@ -309,7 +321,7 @@ impl RunnerService for RunnerServiceImpl {
             .await
             .map_err(store_status)?
             .ok_or_else(|| Status::permission_denied("runner is not registered"))?;
-        if runner.revoked_at.is_some() || runner.cert_serial != cert.serial_hex {
+        if !runner.accepts_cert(&cert.serial_hex) {
             return Err(Status::permission_denied(
                 "runner certificate is revoked or superseded",
             ));
@@ -332,6 +344,7 @@ impl RunnerService for RunnerServiceImpl {
         self.store
             .runner_connected(
                 runner_id,
+                &cert.serial_hex,
                 &labels,
                 capacity as i32,
                 &hello.version,
@@ -341,42 +354,56 @@ impl RunnerService for RunnerServiceImpl {
             .map_err(store_status)?;
 
         // Runs the database gives this runner but it no longer executes (it
-        // restarted) will never report back: record them as lost, not re-run.
-        let still_running: HashSet<(String, u64)> = hello
-            .active
-            .iter()
-            .map(|r| (r.run_id.clone(), r.fencing_token))
-            .collect();
-        let mut running = HashSet::new();
+        // restarted) will never report back: take them back from it.
+        let held = held_runs(&hello.active);
+        let still_running: HashSet<(Uuid, i64)> = held.iter().copied().collect();
+        let mut running = HashMap::new();
+        let mut cancel_again = Vec::new();
         for run in self
             .store
             .active_runs_of_runner(runner_id)
             .await
             .map_err(store_status)?
         {
-            if still_running.contains(&(run.id.to_string(), run.fencing_token as u64)) {
-                running.insert(run.id);
+            if still_running.contains(&(run.id, run.fencing_token)) {
+                running.insert(run.id, run.fencing_token);
+                if run.cancel_requested_at.is_some() {
+                    cancel_again.push((run.id, run.fencing_token));
+                }
                 continue;
             }
-            let end = RunEnd {
-                status: RunStatus::Lost,
-                exit_code: None,
-                error: Some("the runner restarted and no longer executes this run".into()),
-                last_seq: run.log_acked_seq,
-                finished_at: Utc::now(),
-            };
-            if self
-                .store
-                .finish_run(run.id, run.fencing_token, &end)
-                .await
-                .map_err(store_status)?
-                == Fenced::Applied
-            {
-                tracing::warn!(run_id = %run.id, runner_id = %runner_id, "run lost: its runner restarted");
-            }
+            crate::dispatch::abandon(
+                &*self.store,
+                &*self.bus,
+                run.id,
+                run.fencing_token,
+                "the runner restarted and no longer executes this run",
+            )
+            .await
+            .map_err(store_status)?;
         }
+        // A runner back within its lease keeps its runs: their leases run on.
+        let stale = self
+            .store
+            .extend_leases(runner_id, &held, Utc::now() + self.dispatcher.lease_ttl())
+            .await
+            .map_err(store_status)?;
 
         let (outbox, rx) = mpsc::channel(256);
+        // Cancels asked for while this runner was away.
+        for (run_id, token) in cancel_again {
+            send_cancel(&outbox, run_id, token);
+        }
+        // Runs it still executes but lost meanwhile (lease expired, retried
+        // elsewhere): it must stop them; what they report is refused anyway.
+        for (run_id, token) in stale {
+            reject(
+                &outbox,
+                &run_id.to_string(),
+                token as u64,
+                "this lease has expired",
+            );
+        }
         let session = self.dispatcher.connect(
             runner_id,
             runner.org_id,
@@ -385,16 +412,35 @@ impl RunnerService for RunnerServiceImpl {
             running,
             outbox.clone(),
         );
+        // A revocation between the store's check above and `connect` found
+        // no stream to close; the revocation set is updated before the
+        // dispatcher is told, so this check catches it.
+        if self.revocations.runner_revoked(runner_id) {
+            self.dispatcher.kick(runner_id);
+        }
         tracing::info!(runner_id = %runner_id, runner = %runner.name, capacity, "runner connected");
 
         let store = self.store.clone();
         let dispatcher = self.dispatcher.clone();
+        let bus = self.bus.clone();
         let shutdown = self.shutdown.clone();
+        let renewer = Renewer {
+            ca: self.ca.clone(),
+            validity: self.runner_cert_validity,
+            runner_id,
+            presented_serial: cert.serial_hex.clone(),
+            last: None,
+        };
         tokio::spawn(async move {
+            let mut renewer = renewer;
             let mut last_seen = tokio::time::Instant::now();
             loop {
                 let message = tokio::select! {
                     _ = shutdown.cancelled() => break,
+                    _ = session.kicked.cancelled() => {
+                        let _ = outbox.try_send(Err(Status::permission_denied("this runner was revoked")));
+                        break;
+                    }
                     m = inbound.next() => m,
                 };
                 let message = match message {
@@ -411,21 +457,102 @@ impl RunnerService for RunnerServiceImpl {
                         tracing::warn!(%error, "could not record runner heartbeat");
                     }
                 }
-                if let Err(error) =
-                    handle_message(&*store, &dispatcher, runner_id, &outbox, message).await
-                {
+                let handled = match message.kind {
+                    Some(runner_message::Kind::RenewCertificate(renew)) => {
+                        renewer.renew(&*store, &outbox, renew).await
+                    }
+                    _ => {
+                        handle_message(&*store, &dispatcher, &*bus, runner_id, &outbox, message)
+                            .await
+                    }
+                };
+                if let Err(error) = handled {
                     tracing::warn!(runner_id = %runner_id, %error, "runner message failed; closing its stream");
                     let _ = outbox.send(Err(error)).await;
                     break;
                 }
             }
-            dispatcher.disconnect(runner_id, session);
+            dispatcher.disconnect(runner_id, session.id);
             if let Err(error) = store.runner_disconnected(runner_id, Utc::now()).await {
                 tracing::warn!(%error, "could not record runner disconnect");
             }
             tracing::info!(runner_id = %runner_id, "runner disconnected");
         });
         Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn upload_artifacts(
+        &self,
+        request: Request<Streaming<ArtifactChunk>>,
+    ) -> Result<Response<ArtifactsStored>, Status> {
+        let cert = runner_of(&request)?;
+        let mut chunks = request.into_inner();
+        let mut run: Option<(String, u64)> = None;
+        let mut archive = Vec::new();
+        while let Some(chunk) = chunks.message().await? {
+            run.get_or_insert_with(|| (chunk.run_id.clone(), chunk.fencing_token));
+            archive.extend_from_slice(&chunk.data);
+            if archive.len() as u64 > self.max_artifact_bytes {
+                return Err(Status::resource_exhausted(format!(
+                    "the artifacts are over the coordinator's limit of {} MiB (--max-artifacts-mib)",
+                    self.max_artifact_bytes >> 20
+                )));
+            }
+        }
+        let (run_id, token) = run.ok_or_else(|| Status::invalid_argument("no artifacts sent"))?;
+        let run_id = parse_uuid(&run_id, "run id")?;
+        let holder = self
+            .store
+            .run(Scope::All, run_id)
+            .await
+            .map_err(store_status)?;
+        let held = |r: &crate::store::Run| {
+            r.runner_id.map(|id| id.to_string()) == Some(cert.runner_id.clone())
+        };
+        if !holder.as_ref().is_some_and(held) {
+            return Err(Status::permission_denied(
+                "this runner does not hold that run",
+            ));
+        }
+        let limits = muster_common::bundle::Limits {
+            max_compressed_bytes: self.max_artifact_bytes,
+            max_unpacked_bytes: self.max_artifact_bytes.saturating_mul(4),
+            max_entries: 10_000,
+        };
+        let files = tokio::task::spawn_blocking(move || {
+            muster_common::bundle::Bundle::from_tar_gz(&archive, &limits).map(|bundle| {
+                bundle
+                    .files()
+                    .filter_map(|(path, entry)| match entry {
+                        muster_common::bundle::Entry::File { data, .. } => {
+                            Some((path.to_owned(), data.clone()))
+                        }
+                        muster_common::bundle::Entry::Symlink { .. } => None,
+                    })
+                    .collect::<Vec<_>>()
+            })
+        })
+        .await
+        .map_err(|_| Status::internal("reading the artifacts panicked"))?
+        .map_err(|e| {
+            Status::invalid_argument(format!("the artifacts archive is unreadable: {e}"))
+        })?;
+        let bytes = files.iter().map(|(_, d)| d.len() as u64).sum();
+        match self
+            .store
+            .put_artifacts(run_id, token as i64, &files)
+            .await
+            .map_err(store_status)?
+        {
+            Fenced::Applied => {
+                tracing::info!(run_id = %run_id, files = files.len(), bytes, "artifacts stored");
+                Ok(Response::new(ArtifactsStored {
+                    files: files.len() as u32,
+                    bytes,
+                }))
+            }
+            Fenced::Stale => Err(Status::failed_precondition("this lease is no longer valid")),
+        }
     }
 
     type FetchBundleStream = ReceiverStream<Result<BundleChunk, Status>>;
@@ -477,11 +604,87 @@ impl RunnerService for RunnerServiceImpl {
     }
 }
 
+/// Signs a stream's certificate renewals: always for the runner the
+/// stream's client certificate names, whatever the request says.
+struct Renewer {
+    ca: Arc<CertificateAuthority>,
+    validity: Duration,
+    runner_id: Uuid,
+    /// The serial of the certificate the stream was opened with.
+    presented_serial: String,
+    last: Option<tokio::time::Instant>,
+}
+
+impl Renewer {
+    async fn renew(
+        &mut self,
+        store: &dyn Store,
+        outbox: &crate::dispatch::Outbox,
+        request: RenewCertificate,
+    ) -> Result<(), Status> {
+        if self
+            .last
+            .is_some_and(|at| at.elapsed() < MIN_RENEWAL_INTERVAL)
+        {
+            return Err(Status::resource_exhausted(
+                "certificate renewed less than a minute ago on this stream",
+            ));
+        }
+        if request.csr_pem.len() > MAX_CSR_PEM {
+            return Err(Status::invalid_argument(format!(
+                "certificate signing request of {} bytes, expected at most {MAX_CSR_PEM}",
+                request.csr_pem.len()
+            )));
+        }
+        let issued = self
+            .ca
+            .sign_runner_csr(&request.csr_pem, &self.runner_id.to_string(), self.validity)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let recorded = store
+            .runner_cert_renewed(
+                self.runner_id,
+                &self.presented_serial,
+                &issued.serial_hex,
+                issued.not_after,
+            )
+            .await
+            .map_err(store_status)?;
+        if !recorded {
+            return Err(Status::permission_denied(
+                "runner certificate is revoked or superseded",
+            ));
+        }
+        self.last = Some(tokio::time::Instant::now());
+        tracing::info!(runner_id = %self.runner_id, serial = %issued.serial_hex, not_after = %issued.not_after, "runner certificate renewed");
+        send(
+            outbox,
+            coordinator_message::Kind::CertificateRenewed(CertificateRenewed {
+                cert_pem: issued.pem,
+                not_after_ms: issued.not_after.timestamp_millis(),
+            }),
+        );
+        Ok(())
+    }
+}
+
 fn send(outbox: &crate::dispatch::Outbox, kind: coordinator_message::Kind) {
     // A full outbox means the runner stopped reading; its stream is torn down
     // by keep-alive, so dropping an acknowledgement here loses nothing: the
     // runner resends what was not acknowledged.
     let _ = outbox.try_send(Ok(CoordinatorMessage { kind: Some(kind) }));
+}
+
+fn send_cancel(outbox: &crate::dispatch::Outbox, run_id: Uuid, token: i64) {
+    // Dropped when the outbox is full, as acknowledgements are: the stored
+    // request is sent again when the run starts or the runner reconnects.
+    let _ = outbox.try_send(Ok(crate::dispatch::cancel_message(run_id, token)));
+}
+
+/// The runs a runner says it executes, as `(run, fencing token)`.
+fn held_runs(refs: &[RunRef]) -> Vec<(Uuid, i64)> {
+    refs.iter()
+        .filter_map(|r| Some((Uuid::parse_str(&r.run_id).ok()?, r.fencing_token as i64)))
+        .collect()
 }
 
 fn reject(outbox: &crate::dispatch::Outbox, run_id: &str, token: u64, reason: &str) {
@@ -495,19 +698,105 @@ fn reject(outbox: &crate::dispatch::Outbox, run_id: &str, token: u64, reason: &s
     );
 }
 
+/// Checks the stored log of the finishing attempt against the runner's
+/// account of it (bytes and SHA-256 of its chunks in seq order). Messages
+/// on a stream arrive in order, so every chunk the runner sent before its
+/// result is stored by now; a mismatch means the log has a hole.
+async fn check_log(
+    store: &dyn Store,
+    run_id: Uuid,
+    finished: &RunFinished,
+) -> Result<Option<LogCheck>, Status> {
+    use sha2::{Digest, Sha256};
+    if finished.log_sha256.is_empty() {
+        return Ok(None); // A runner from before log checks.
+    }
+    let Some(run) = store.run(Scope::All, run_id).await.map_err(store_status)? else {
+        return Ok(None);
+    };
+    if run.fencing_token != finished.fencing_token as i64 {
+        return Ok(None); // Stale: the result is refused anyway.
+    }
+    let mut digest = Sha256::new();
+    let mut bytes = 0i64;
+    let mut after = run.log_seq_base;
+    let last = finished.last_seq as i64;
+    while after < last {
+        let chunks = store
+            .logs(run_id, after, (last - after).min(1000))
+            .await
+            .map_err(store_status)?;
+        let Some(end) = chunks.last().map(|c| c.seq) else {
+            break;
+        };
+        for chunk in chunks.iter().filter(|c| c.seq <= last) {
+            bytes += chunk.data.len() as i64;
+            digest.update(&chunk.data);
+        }
+        after = end;
+    }
+    let sha256 = hex::encode(digest.finalize());
+    let verified = bytes == finished.log_bytes as i64 && sha256 == finished.log_sha256;
+    if !verified {
+        tracing::warn!(run_id = %run_id, stored_bytes = bytes, runner_bytes = finished.log_bytes, "the stored log does not match the runner's account of it");
+    }
+    Ok(Some(LogCheck {
+        bytes: finished.log_bytes as i64,
+        sha256: finished.log_sha256.clone(),
+        verified,
+    }))
+}
+
 async fn handle_message(
     store: &dyn Store,
     dispatcher: &Dispatcher,
+    bus: &dyn Bus,
     runner_id: Uuid,
     outbox: &crate::dispatch::Outbox,
     message: RunnerMessage,
 ) -> Result<(), Status> {
     use runner_message::Kind;
     match message.kind {
-        None | Some(Kind::Hello(_)) => Err(Status::invalid_argument(
-            "unexpected message on an open stream",
-        )),
-        Some(Kind::Heartbeat(_)) => Ok(()),
+        Some(Kind::Draining(_)) => {
+            tracing::info!(runner_id = %runner_id, "runner drains: no more leases for it");
+            dispatcher.drain(runner_id);
+            Ok(())
+        }
+        Some(Kind::Release(release)) => {
+            let run_id = parse_uuid(&release.run_id, "run id")?;
+            let released = store
+                .release_lease(run_id, release.fencing_token as i64)
+                .await
+                .map_err(store_status)?;
+            dispatcher.release(runner_id, run_id);
+            if released == Fenced::Applied {
+                tracing::info!(run_id = %run_id, runner_id = %runner_id, "runner gave a lease back; run queued again");
+                announce(bus, Event::RunQueued { run_id }).await;
+            }
+            Ok(())
+        }
+        None | Some(Kind::Hello(_)) | Some(Kind::RenewCertificate(_)) => Err(
+            Status::invalid_argument("unexpected message on an open stream"),
+        ),
+        Some(Kind::Heartbeat(beat)) => {
+            let stale = store
+                .extend_leases(
+                    runner_id,
+                    &held_runs(&beat.active),
+                    Utc::now() + dispatcher.lease_ttl(),
+                )
+                .await
+                .map_err(store_status)?;
+            for (run_id, token) in stale {
+                reject(
+                    outbox,
+                    &run_id.to_string(),
+                    token as u64,
+                    "this lease has expired",
+                );
+            }
+            Ok(())
+        }
         Some(Kind::Started(started)) => {
             let run_id = parse_uuid(&started.run_id, "run id")?;
             let start = RunStart {
@@ -516,18 +805,25 @@ async fn handle_message(
                 image_digest: Some(started.image_digest).filter(|s| !s.is_empty()),
                 started_at: ms_to_time(started.started_at_ms),
             };
-            if store
+            match store
                 .mark_running(run_id, started.fencing_token as i64, &start)
                 .await
                 .map_err(store_status)?
-                == Fenced::Stale
             {
-                reject(
+                Fenced::Stale => reject(
                     outbox,
                     &started.run_id,
                     started.fencing_token,
                     "this lease is no longer valid",
-                );
+                ),
+                Fenced::Applied => {
+                    // A cancel that came while the lease was on its way
+                    // reached a runner that did not know the run yet.
+                    let run = store.run(Scope::All, run_id).await.map_err(store_status)?;
+                    if run.is_some_and(|r| r.cancel_requested_at.is_some()) {
+                        send_cancel(outbox, run_id, started.fencing_token as i64);
+                    }
+                }
             }
             Ok(())
         }
@@ -558,13 +854,23 @@ async fn handle_message(
                 .await
                 .map_err(store_status)?
             {
-                Ok(acked) => send(
-                    outbox,
-                    coordinator_message::Kind::LogAck(LogAck {
-                        run_id: chunk.run_id,
-                        acked_seq: acked as u64,
-                    }),
-                ),
+                Ok(acked) => {
+                    send(
+                        outbox,
+                        coordinator_message::Kind::LogAck(LogAck {
+                            run_id: chunk.run_id,
+                            acked_seq: acked as u64,
+                        }),
+                    );
+                    announce(
+                        bus,
+                        Event::Log {
+                            run_id,
+                            chunk: stored,
+                        },
+                    )
+                    .await;
+                }
                 Err(Fenced::Stale | Fenced::Applied) => reject(
                     outbox,
                     &chunk.run_id,
@@ -575,7 +881,7 @@ async fn handle_message(
             Ok(())
         }
         Some(Kind::Finished(finished)) => {
-            finish(store, dispatcher, runner_id, outbox, finished).await
+            finish(store, dispatcher, bus, runner_id, outbox, finished).await
         }
     }
 }
@@ -583,6 +889,7 @@ async fn handle_message(
 async fn finish(
     store: &dyn Store,
     dispatcher: &Dispatcher,
+    bus: &dyn Bus,
     runner_id: Uuid,
     outbox: &crate::dispatch::Outbox,
     finished: RunFinished,
@@ -594,12 +901,14 @@ async fn finish(
         RunOutcome::TimedOut => RunStatus::TimedOut,
         RunOutcome::Failed | RunOutcome::Unspecified => RunStatus::Failed,
     };
+    let log_check = check_log(store, run_id, &finished).await?;
     let end = RunEnd {
         status,
         exit_code: finished.exit_code,
         error: Some(finished.error).filter(|e| !e.is_empty()),
         last_seq: finished.last_seq as i64,
         finished_at: ms_to_time(finished.finished_at_ms),
+        log_check,
     };
     let outcome = store
         .finish_run(run_id, finished.fencing_token as i64, &end)
@@ -609,6 +918,15 @@ async fn finish(
     match outcome {
         Fenced::Applied => {
             tracing::info!(run_id = %run_id, status = status.as_str(), exit_code = ?end.exit_code, "run finished");
+            announce(
+                bus,
+                Event::Finished {
+                    run_id,
+                    status,
+                    exit_code: end.exit_code,
+                },
+            )
+            .await;
             send(
                 outbox,
                 coordinator_message::Kind::FinishedAck(FinishedAck {

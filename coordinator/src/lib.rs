@@ -7,11 +7,14 @@
 
 pub mod api;
 pub mod auth;
+pub mod bus;
 pub mod config;
 pub mod dispatch;
 pub mod error;
 pub mod grpc;
+pub mod revocation;
 pub mod store;
+pub mod tail;
 pub mod tls;
 
 use std::net::SocketAddr;
@@ -90,25 +93,58 @@ async fn bootstrap(store: &dyn Store, data_dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
+    Ok(match config.database().map_err(anyhow::Error::msg)? {
+        config::Database::Postgres(url) => Arc::new(
+            store::postgres::PgStore::connect(url.expose(), config.database_max_connections)
+                .await
+                .context("connecting to PostgreSQL (--database-url)")?,
+        ),
+        config::Database::Sqlite(path) => {
+            let store = store::sqlite::SqliteStore::open(&path)
+                .await
+                .with_context(|| format!("opening the embedded database {}", path.display()))?;
+            tracing::info!(path = %path.display(), "using the embedded SQLite database (no --database-url given)");
+            Arc::new(store)
+        }
+    })
+}
+
 pub async fn start(config: Config) -> anyhow::Result<Coordinator> {
     config.validate().map_err(anyhow::Error::msg)?;
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("--data-dir: cannot create {}", config.data_dir.display()))?;
-    let url = config.database_url().map_err(anyhow::Error::msg)?;
-    let store: Arc<dyn Store> = Arc::new(
-        store::postgres::PgStore::connect(url.expose(), config.database_max_connections)
-            .await
-            .context("connecting to PostgreSQL (--database-url)")?,
-    );
+    let store = open_store(&config).await?;
     bootstrap(&*store, &config.data_dir).await?;
 
     let ca = Arc::new(tls::load_or_create_ca(&config.data_dir)?);
-    let server_tls = tls::server_tls(&ca, &tls::server_names(&config.tls_sans))?;
+    let revocations = revocation::Revocations::load(&*store)
+        .await
+        .context("reading the revoked runners")?;
+    let server_tls = tls::server_tls(
+        &ca,
+        &tls::server_names(&config.tls_sans),
+        revocations.clone(),
+    )?;
 
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
-    let dispatcher = dispatch::Dispatcher::new(store.clone(), config.lease_ttl());
+    let bus: Arc<dyn bus::Bus> = Arc::new(bus::InProcessBus::default());
+    let dispatcher = dispatch::Dispatcher::new(store.clone(), bus.clone(), config.lease_ttl());
     tracker.spawn(dispatcher.clone().run(shutdown.clone()));
+    tracker.spawn(dispatch::expire_leases(
+        store.clone(),
+        bus.clone(),
+        config.lease_ttl(),
+        shutdown.clone(),
+    ));
+    let revoker = revocation::Revoker {
+        store: store.clone(),
+        bus: bus.clone(),
+        dispatcher: dispatcher.clone(),
+        revocations: revocations.clone(),
+    };
+    tracker.spawn(revoker.clone().refresh_loop(shutdown.clone()));
 
     // gRPC: our own TLS acceptor feeds tonic authenticated connections.
     let grpc_listener = tokio::net::TcpListener::bind(config.grpc_addr)
@@ -124,9 +160,12 @@ pub async fn start(config: Config) -> anyhow::Result<Coordinator> {
     ));
     let service = grpc::RunnerServiceImpl {
         store: store.clone(),
+        bus: bus.clone(),
         dispatcher: dispatcher.clone(),
         ca: ca.clone(),
-        runner_cert_validity: Duration::from_secs(config.runner_cert_days * 24 * 3600),
+        runner_cert_validity: config.runner_cert_validity(),
+        max_artifact_bytes: config.max_artifact_bytes(),
+        revocations,
         shutdown: shutdown.clone(),
     };
     let grpc_server = tonic::transport::Server::builder()
@@ -151,8 +190,9 @@ pub async fn start(config: Config) -> anyhow::Result<Coordinator> {
     let http_addr = http_listener.local_addr()?;
     let app = api::router(api::AppState {
         store: store.clone(),
-        dispatcher,
+        bus,
         ca: ca.clone(),
+        revoker,
         max_bundle_bytes: config.max_bundle_bytes(),
     });
     let http_shutdown = shutdown.clone();

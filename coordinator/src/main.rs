@@ -22,20 +22,11 @@ async fn main() {
     let shutdown = CancellationToken::new();
     let signal = shutdown.clone();
     tokio::spawn(async move {
-        wait_for_signal().await;
+        muster_common::shutdown::requested().await;
         signal.cancel();
     });
     if let Err(error) = muster_coordinator::run(cli.config, shutdown).await {
         eprintln!("muster-coordinator: {error:#}");
         std::process::exit(2);
-    }
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
     }
 }

@@ -6,7 +6,8 @@
 //! One port serves two kinds of connection, told apart by the server name the
 //! client asks for: enrollment (`ENROLL_SERVER_NAME`; server-authenticated
 //! TLS, only the `Enroll` call) and everything else, where a client
-//! certificate signed by the CA is required by the handshake itself.
+//! certificate signed by the CA, of a runner that was not revoked, is
+//! required by the handshake itself.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -15,6 +16,8 @@ use muster_common::pki::{self, CertificateAuthority, RunnerCert};
 use muster_common::secret::write_private_file;
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
+
+use crate::revocation::{RevocationCheckingVerifier, Revocations};
 
 /// The TLS server name a runner asks for when it enrolls.
 pub use muster_common::pki::ENROLL_SERVER_NAME;
@@ -46,7 +49,11 @@ pub struct ServerTls {
     pub mutual: Arc<ServerConfig>,
 }
 
-pub fn server_tls(ca: &CertificateAuthority, names: &[String]) -> anyhow::Result<ServerTls> {
+pub fn server_tls(
+    ca: &CertificateAuthority,
+    names: &[String],
+    revocations: Arc<Revocations>,
+) -> anyhow::Result<ServerTls> {
     let (chain_pem, key_pem) = ca.issue_server_cert(names)?;
     let chain = pki::certs_from_pem(&chain_pem)?;
     let provider = pki::provider();
@@ -59,8 +66,10 @@ pub fn server_tls(ca: &CertificateAuthority, names: &[String]) -> anyhow::Result
 
     let mut roots = RootCertStore::empty();
     roots.add(ca.cert_der())?;
-    let verifier =
-        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone()).build()?;
+    let verifier = Arc::new(RevocationCheckingVerifier::new(
+        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone()).build()?,
+        revocations,
+    ));
     let mut mutual = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .with_client_cert_verifier(verifier)

@@ -52,7 +52,34 @@ pub struct Config {
     /// The name this runner enrolls under (default: the host name).
     #[arg(long, env = "MUSTER_RUNNER_NAME")]
     pub name: Option<String>,
+
+    /// How jobs run: `docker` (a container each), `process` (a child process
+    /// in a scratch directory, for hosts without Docker), or `auto` (docker
+    /// when the daemon answers at start, else process).
+    #[arg(long, env = "MUSTER_EXECUTOR", value_enum, default_value_t = ExecutorChoice::Auto)]
+    pub executor: ExecutorChoice,
+
+    /// On SIGTERM or Ctrl-C, how long running jobs may take to finish
+    /// before they are canceled; no new run starts meanwhile.
+    #[arg(
+        long,
+        env = "MUSTER_DRAIN_TIMEOUT",
+        value_name = "SECONDS",
+        default_value_t = 60
+    )]
+    pub drain_timeout: u64,
 }
+
+/// The `--executor` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ExecutorChoice {
+    Auto,
+    Docker,
+    Process,
+}
+
+/// Longest `--drain-timeout`: a day.
+const MAX_DRAIN_TIMEOUT: u64 = 24 * 3600;
 
 impl Config {
     pub fn for_tests(
@@ -71,7 +98,14 @@ impl Config {
             labels: Vec::new(),
             default_image: "muster/ansible:bookworm".into(),
             name: None,
+            executor: ExecutorChoice::Auto,
+            drain_timeout: 5,
         }
+    }
+
+    /// How long running jobs may take to finish once shutdown begins.
+    pub fn drain_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.drain_timeout)
     }
 
     pub fn labels(&self) -> Result<BTreeMap<String, String>, String> {
@@ -132,6 +166,12 @@ impl Config {
                 self.capacity
             ));
         }
+        if self.drain_timeout > MAX_DRAIN_TIMEOUT {
+            return Err(format!(
+                "--drain-timeout: {} is out of range, expected 0 to {MAX_DRAIN_TIMEOUT} seconds",
+                self.drain_timeout
+            ));
+        }
         if let Some(hash) = &self.ca_cert_hash {
             let hex = hash.strip_prefix("sha256:").unwrap_or("");
             if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
@@ -175,6 +215,61 @@ mod tests {
             .endpoint()
             .unwrap_err()
             .contains("no port"));
+    }
+
+    /// Parses flags as the binary does, with the flags that every runner
+    /// needs given.
+    fn parse(flags: &[&str]) -> Result<Config, String> {
+        use clap::Parser;
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            config: Config,
+        }
+        let args = ["muster-runner", "--coordinator", "https://h:1"]
+            .iter()
+            .chain(flags);
+        Cli::try_parse_from(args)
+            .map(|cli| cli.config)
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn executor_flag_parses_and_bad_values_are_named() {
+        // Set in the environment, the variable would stand in for the flag.
+        if std::env::var_os("MUSTER_EXECUTOR").is_none() {
+            assert_eq!(parse(&[]).unwrap().executor, ExecutorChoice::Auto);
+        }
+        for (value, expected) in [
+            ("auto", ExecutorChoice::Auto),
+            ("docker", ExecutorChoice::Docker),
+            ("process", ExecutorChoice::Process),
+        ] {
+            assert_eq!(parse(&["--executor", value]).unwrap().executor, expected);
+        }
+        let err = parse(&["--executor", "podman"]).unwrap_err();
+        assert!(err.contains("--executor"), "{err}");
+        assert!(err.contains("'podman'"), "{err}");
+        assert!(err.contains("auto, docker, process"), "{err}");
+    }
+
+    #[test]
+    fn drain_timeout_parses_and_bad_values_are_named() {
+        if std::env::var_os("MUSTER_DRAIN_TIMEOUT").is_none() {
+            assert_eq!(parse(&[]).unwrap().drain_timeout, 60);
+        }
+        let config = parse(&["--drain-timeout", "0"]).unwrap();
+        assert_eq!(config.drain_timeout(), std::time::Duration::ZERO);
+        let err = parse(&["--drain-timeout", "1m"]).unwrap_err();
+        assert!(err.contains("--drain-timeout"), "{err}");
+        assert!(err.contains("'1m'"), "{err}");
+        let mut config = config;
+        config.drain_timeout = MAX_DRAIN_TIMEOUT + 1;
+        let err = config.validate().unwrap_err();
+        assert!(
+            err.starts_with("--drain-timeout: 86401 is out of range"),
+            "{err}"
+        );
     }
 
     #[test]

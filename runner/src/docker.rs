@@ -10,54 +10,37 @@ use bollard::container::LogOutput;
 use bollard::models::{ContainerCreateBody, HostConfig};
 use bollard::query_parameters::{
     AttachContainerOptionsBuilder, CreateContainerOptionsBuilder, CreateImageOptionsBuilder,
-    RemoveContainerOptionsBuilder, StopContainerOptionsBuilder, UploadToContainerOptionsBuilder,
+    DownloadFromContainerOptionsBuilder, RemoveContainerOptionsBuilder,
+    StopContainerOptionsBuilder, UploadToContainerOptionsBuilder,
 };
 use bollard::Docker;
 use bytes::Bytes;
 use futures_util::StreamExt;
-use muster_common::bundle::Bundle;
+use muster_common::bundle::{Bundle, Entry};
 use muster_common::plan::JobPlan;
 use tokio_util::sync::CancellationToken;
 
+use crate::executor::{
+    artifacts_from, stop_requested, timeout_of, Collected, ExecError, Outcome, Prepared,
+    MAX_ARTIFACT_BYTES,
+};
 use crate::session::{LogSink, Stream};
 
 /// Where the workspace is in the container, as in Polycrate.
 pub const CONTAINER_WORKSPACE: &str = "/workspace";
 const CONTAINER_VARS: &str = "/muster/vars.json";
-/// Flush output at least this often, or when this much has gathered.
-const FLUSH_EVERY: Duration = Duration::from_millis(100);
-const FLUSH_BYTES: usize = 32 * 1024;
-const STOP_GRACE_SECS: i32 = 10;
-
-#[derive(Debug, thiserror::Error)]
-pub enum ExecError {
-    #[error("docker: {0}")]
-    Docker(#[from] bollard::errors::Error),
-    #[error("image {image} is not on this host and could not be pulled: {reason}")]
-    ImageUnavailable { image: String, reason: String },
-    #[error("preparing the job: {0}")]
-    Prepare(String),
-}
-
-pub struct Outcome {
-    pub exit_code: i64,
-    pub canceled: bool,
-}
-
-pub struct Prepared {
-    pub image: String,
-    pub image_digest: String,
-}
 
 #[derive(Clone)]
 pub struct DockerExecutor {
     docker: Docker,
     default_image: String,
+    stop_grace: Duration,
 }
 
 impl DockerExecutor {
     /// Connects to the local daemon and agrees on an API version with it.
-    pub async fn connect(default_image: String) -> Result<Self, ExecError> {
+    /// A stopped job's container gets `stop_grace` between SIGTERM and SIGKILL.
+    pub async fn connect(default_image: String, stop_grace: Duration) -> Result<Self, ExecError> {
         let docker = Docker::connect_with_local_defaults()?
             .negotiate_version()
             .await?;
@@ -65,7 +48,12 @@ impl DockerExecutor {
         Ok(DockerExecutor {
             docker,
             default_image,
+            stop_grace,
         })
+    }
+
+    pub fn stop_grace(&self) -> Duration {
+        self.stop_grace
     }
 
     pub fn image_for(&self, plan: &JobPlan) -> String {
@@ -100,13 +88,17 @@ impl DockerExecutor {
             .or(inspect.id)
             .unwrap_or_default();
         Ok(Prepared {
+            executor: "docker",
             image: image.to_owned(),
             image_digest: digest,
+            note: None,
         })
     }
 
-    /// Runs the job to its end, streaming output into `sink`.
-    pub async fn run(
+    /// Runs the job to its end, streaming output into `sink`; stops the
+    /// container (SIGTERM, the grace, SIGKILL) when `cancel` fires or the
+    /// plan's timeout passes.
+    pub async fn run_collecting(
         &self,
         run_id: &str,
         image: &str,
@@ -114,7 +106,7 @@ impl DockerExecutor {
         bundle: &Bundle,
         sink: &LogSink,
         cancel: CancellationToken,
-    ) -> Result<Outcome, ExecError> {
+    ) -> Result<(Outcome, Collected), ExecError> {
         let mut env: Vec<String> = plan
             .environment(CONTAINER_WORKSPACE)
             .into_iter()
@@ -151,6 +143,11 @@ impl DockerExecutor {
             .await?;
         let id = created.id;
         let result = self.run_created(&id, plan, bundle, sink, cancel).await;
+        let collected = match &result {
+            Ok(_) => self.collect(&id, plan, bundle).await,
+            Err(_) => Ok(None),
+        };
+        let result = result.map(|outcome| (outcome, collected));
         let remove = RemoveContainerOptionsBuilder::new()
             .force(true)
             .v(true)
@@ -193,65 +190,49 @@ impl DockerExecutor {
             .stderr(true)
             .logs(true)
             .build();
-        let mut output = self.docker.attach_container(id, Some(attach)).await?.output;
+        let output = self.docker.attach_container(id, Some(attach)).await?.output;
         self.docker.start_container(id, None).await?;
 
-        let mut canceled = false;
-        let mut pending: Option<(Stream, Vec<u8>)> = None;
-        loop {
-            let next = tokio::select! {
-                _ = cancel.cancelled(), if !canceled => {
-                    canceled = true;
-                    let stop = StopContainerOptionsBuilder::new().t(STOP_GRACE_SECS).build();
-                    if let Err(error) = self.docker.stop_container(id, Some(stop)).await {
-                        tracing::warn!(container = %id, %error, "stopping the canceled job's container failed");
+        let output = output
+            .take_while(|item| {
+                let more = match item {
+                    Ok(_) => true,
+                    Err(error) => {
+                        tracing::warn!(container = %id, %error, "reading the job's output failed");
+                        false
                     }
-                    continue;
-                }
-                next = tokio::time::timeout(FLUSH_EVERY, output.next()) => next,
+                };
+                std::future::ready(more)
+            })
+            .filter_map(|item| {
+                std::future::ready(match item {
+                    Ok(LogOutput::StdOut { message } | LogOutput::Console { message }) => {
+                        Some((Stream::Stdout, message))
+                    }
+                    Ok(LogOutput::StdErr { message }) => Some((Stream::Stderr, message)),
+                    Ok(LogOutput::StdIn { .. }) | Err(_) => None,
+                })
+            });
+        // The output ends when the container stops, by itself or because
+        // the stopper below stopped it; the stopper gives up once it has.
+        let ended = CancellationToken::new();
+        let pump = async {
+            crate::output::forward(output, sink).await;
+            ended.cancel();
+        };
+        let stopper = async {
+            let reason = tokio::select! {
+                _ = ended.cancelled() => return None,
+                reason = stop_requested(&cancel, timeout_of(plan)) => reason,
             };
-            match next {
-                Err(_elapsed) => {
-                    if let Some((stream, data)) = pending.take() {
-                        sink.write(stream, data).await;
-                    }
-                }
-                Ok(None) => break,
-                Ok(Some(Err(error))) => {
-                    tracing::warn!(container = %id, %error, "reading the job's output failed");
-                    break;
-                }
-                Ok(Some(Ok(item))) => {
-                    let (stream, bytes) = match item {
-                        LogOutput::StdOut { message } | LogOutput::Console { message } => {
-                            (Stream::Stdout, message)
-                        }
-                        LogOutput::StdErr { message } => (Stream::Stderr, message),
-                        LogOutput::StdIn { .. } => continue,
-                    };
-                    match &mut pending {
-                        Some((s, data)) if *s == stream => data.extend_from_slice(&bytes),
-                        _ => {
-                            if let Some((s, data)) = pending.take() {
-                                sink.write(s, data).await;
-                            }
-                            pending = Some((stream, bytes.to_vec()));
-                        }
-                    }
-                    if pending
-                        .as_ref()
-                        .is_some_and(|(_, d)| d.len() >= FLUSH_BYTES)
-                    {
-                        if let Some((s, data)) = pending.take() {
-                            sink.write(s, data).await;
-                        }
-                    }
-                }
+            let grace = i32::try_from(self.stop_grace.as_secs()).unwrap_or(i32::MAX);
+            let stop = StopContainerOptionsBuilder::new().t(grace).build();
+            if let Err(error) = self.docker.stop_container(id, Some(stop)).await {
+                tracing::warn!(container = %id, %error, "stopping the job's container failed");
             }
-        }
-        if let Some((stream, data)) = pending.take() {
-            sink.write(stream, data).await;
-        }
+            Some(reason)
+        };
+        let ((), stopped) = tokio::join!(pump, stopper);
 
         let exit_code = match self.docker.wait_container(id, None).next().await {
             Some(Ok(response)) => response.status_code,
@@ -263,11 +244,76 @@ impl DockerExecutor {
                 inspect.state.and_then(|s| s.exit_code).unwrap_or(-1)
             }
         };
-        Ok(Outcome {
-            exit_code,
-            canceled,
-        })
+        Ok(Outcome { exit_code, stopped })
     }
+}
+
+impl DockerExecutor {
+    /// The files the job left in its block's artifacts directory, read from
+    /// the stopped container.
+    async fn collect(&self, id: &str, plan: &JobPlan, bundle: &Bundle) -> Collected {
+        let path = format!("{CONTAINER_WORKSPACE}/artifacts/blocks/{}", plan.block);
+        let options = DownloadFromContainerOptionsBuilder::new()
+            .path(&path)
+            .build();
+        let mut stream = self.docker.download_from_container(id, Some(options));
+        let mut tar = Vec::new();
+        while let Some(chunk) = stream.next().await {
+            match chunk {
+                Ok(bytes) => {
+                    tar.extend_from_slice(&bytes);
+                    if tar.len() as u64 > MAX_ARTIFACT_BYTES {
+                        return Err(format!(
+                            "the job's artifacts exceed {} MiB",
+                            MAX_ARTIFACT_BYTES >> 20
+                        ));
+                    }
+                }
+                Err(bollard::errors::Error::DockerResponseServerError {
+                    status_code: 404, ..
+                }) => return Ok(None),
+                Err(e) => return Err(format!("reading the artifacts from the container: {e}")),
+            }
+        }
+        let bundle = bundle.clone();
+        let block = plan.block.clone();
+        tokio::task::spawn_blocking(move || artifacts_from(files_of_tar(&tar)?, &bundle, &block))
+            .await
+            .map_err(|e| e.to_string())?
+    }
+}
+
+/// The regular files of a tar from the Docker API, relative to its top
+/// directory (the artifacts directory itself); anything else is skipped.
+fn files_of_tar(tar: &[u8]) -> Result<Vec<(String, Entry)>, String> {
+    let mut archive = tar::Archive::new(tar);
+    let mut files = Vec::new();
+    let entries = archive
+        .entries()
+        .map_err(|e| format!("reading the artifacts archive: {e}"))?;
+    for entry in entries {
+        let mut entry = entry.map_err(|e| format!("reading the artifacts archive: {e}"))?;
+        if entry.header().entry_type() != tar::EntryType::Regular {
+            continue;
+        }
+        let path = entry
+            .path()
+            .map_err(|e| format!("reading the artifacts archive: {e}"))?
+            .components()
+            .skip(1)
+            .map(|c| c.as_os_str().to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+            .join("/");
+        if path.is_empty() {
+            continue;
+        }
+        let executable = entry.header().mode().is_ok_and(|m| m & 0o111 != 0);
+        let mut data = Vec::new();
+        std::io::Read::read_to_end(&mut entry, &mut data)
+            .map_err(|e| format!("reading the artifacts archive: {e}"))?;
+        files.push((path, Entry::File { data, executable }));
+    }
+    Ok(files)
 }
 
 fn single_file_tar(path: &str, data: &[u8]) -> std::io::Result<Vec<u8>> {

@@ -1,19 +1,22 @@
 //! The runner's identity: enrollment with a join token on first start, then
-//! the key, certificate and CA kept in the data directory; and the TLS
-//! connector both kinds of connection use.
+//! the key, certificate and CA kept in the data directory, renewed over the
+//! stream before the certificate expires; and the TLS connector both kinds
+//! of connection use.
 
 use std::future::Future;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 
-use anyhow::{anyhow, Context as _};
+use anyhow::{anyhow, bail, Context as _};
 use hyper_util::rt::TokioIo;
 use muster_common::pki::{self, PinnedCaVerifier, ENROLL_SERVER_NAME};
 use muster_common::secret::write_private_file;
 use muster_proto::runner::v1::runner_service_client::RunnerServiceClient;
-use muster_proto::runner::v1::EnrollRequest;
-use rustls::pki_types::ServerName;
+use muster_proto::runner::v1::{CertificateRenewed, EnrollRequest, RenewCertificate};
+use rustls::pki_types::{ServerName, UnixTime};
+use rustls::server::WebPkiClientVerifier;
 use rustls::{ClientConfig, RootCertStore};
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpStream;
@@ -31,9 +34,14 @@ pub struct Identity {
 
 const IDENTITY_FILE: &str = "identity.json";
 
+/// Where the runner keeps its identity.
+pub fn identity_path(config: &Config) -> PathBuf {
+    config.data_dir.join(IDENTITY_FILE)
+}
+
 /// Loads the stored identity, or enrolls with the join token.
 pub async fn load_or_enroll(config: &Config) -> anyhow::Result<Identity> {
-    let path = config.data_dir.join(IDENTITY_FILE);
+    let path = identity_path(config);
     if path.exists() {
         let text = std::fs::read_to_string(&path)
             .with_context(|| format!("reading {}", path.display()))?;
@@ -90,6 +98,125 @@ async fn enroll(config: &Config, token: &str, pin: &str) -> anyhow::Result<Ident
         key_pem,
         ca_pem: response.ca_certificate_pem,
     })
+}
+
+/// The identity in use and the file it is kept in. A renewal replaces both:
+/// the file atomically (a new file renamed over the old, mode 0600), so a
+/// crash leaves the old identity or the new one, never half of each.
+pub struct IdentityFile {
+    path: PathBuf,
+    current: Mutex<Identity>,
+    /// The key of the renewal asked for last, until its certificate comes.
+    pending_key: Mutex<Option<String>>,
+}
+
+impl IdentityFile {
+    pub fn new(path: PathBuf, identity: Identity) -> Self {
+        IdentityFile {
+            path,
+            current: Mutex::new(identity),
+            pending_key: Mutex::new(None),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn current(&self) -> Identity {
+        self.current
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Whether the current certificate has less than a third of its validity
+    /// left (or cannot be read, which a new one cures).
+    pub fn renewal_due(&self, now: chrono::DateTime<chrono::Utc>) -> bool {
+        let identity = self.current();
+        pki::certs_from_pem(&identity.cert_pem)
+            .ok()
+            .and_then(|certs| pki::runner_cert_info(&certs[0]))
+            .is_none_or(|cert| cert.renewal_due(now))
+    }
+
+    /// A renewal request for a new key, which is kept until the answer comes.
+    pub fn renewal_request(&self) -> anyhow::Result<RenewCertificate> {
+        let name = format!("muster-runner:{}", self.current().runner_id);
+        let (csr_pem, key_pem) = pki::generate_csr(&name)?;
+        *self
+            .pending_key
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(key_pem);
+        Ok(RenewCertificate { csr_pem })
+    }
+
+    /// Checks the coordinator's answer to the last renewal request and makes
+    /// the new certificate the identity, on disk and for the next connection.
+    /// Blocks on the file system.
+    pub fn renewed(&self, answer: &CertificateRenewed) -> anyhow::Result<()> {
+        let key_pem = self
+            .pending_key
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+            .ok_or_else(|| {
+                anyhow!("a renewed certificate came that this runner did not ask for")
+            })?;
+        let mut identity = self.current();
+        if !pki::cert_matches_key(&answer.cert_pem, &key_pem)? {
+            bail!("the renewed certificate is not for the key this runner sent");
+        }
+        let leaf = pki::certs_from_pem(&answer.cert_pem)?.remove(0);
+        let info = pki::runner_cert_info(&leaf)
+            .ok_or_else(|| anyhow!("the renewed certificate is not a runner certificate"))?;
+        if info.runner_id != identity.runner_id {
+            bail!(
+                "the renewed certificate is for runner {}, expected {}",
+                info.runner_id,
+                identity.runner_id
+            );
+        }
+        // Signed by the CA this runner trusts, and valid now: a certificate
+        // the coordinator would refuse must not replace one it accepts.
+        let mut roots = RootCertStore::empty();
+        for cert in pki::certs_from_pem(&identity.ca_pem)? {
+            roots.add(cert)?;
+        }
+        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), pki::provider())
+            .build()?
+            .verify_client_cert(&leaf, &[], UnixTime::now())
+            .context("the renewed certificate does not verify against the coordinator's CA")?;
+        identity.cert_pem = answer.cert_pem.clone();
+        identity.key_pem = key_pem;
+        write_private_file(
+            &self.path,
+            serde_json::to_string_pretty(&identity)?.as_bytes(),
+        )
+        .with_context(|| format!("writing {}", self.path.display()))?;
+        *self.current.lock().unwrap_or_else(PoisonError::into_inner) = identity;
+        Ok(())
+    }
+}
+
+/// Whether an error is the coordinator refusing this runner's certificate as
+/// revoked (the TLS `certificate_revoked` alert), wherever in the chain of
+/// causes it sits. The alert reaches the runner through hyper and tonic as an
+/// I/O error that keeps only rustls's message, so the message is what is
+/// compared.
+pub fn refused_as_revoked(error: &(dyn std::error::Error + 'static)) -> bool {
+    let alert =
+        rustls::Error::AlertReceived(rustls::AlertDescription::CertificateRevoked).to_string();
+    let mut next = Some(error);
+    // The chain is short; the bound only guards against a cyclic one.
+    for _ in 0..32 {
+        let Some(e) = next else { return false };
+        if e.to_string().contains(&alert) {
+            return true;
+        }
+        next = e.source();
+    }
+    false
 }
 
 fn hostname() -> String {
@@ -174,5 +301,140 @@ impl tower::Service<http::Uri> for TlsConnector {
                 .await?;
             Ok(TokioIo::new(tls))
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use muster_common::pki::CertificateAuthority;
+
+    use super::*;
+
+    /// An enrolled identity in a temporary directory, and the CA behind it.
+    fn enrolled(dir: &Path, runner_id: &str) -> (IdentityFile, CertificateAuthority) {
+        let ca = CertificateAuthority::generate("test CA").unwrap();
+        let (csr, key_pem) = pki::generate_csr("r").unwrap();
+        let issued = ca
+            .sign_runner_csr(&csr, runner_id, Duration::from_secs(3600))
+            .unwrap();
+        let identity = Identity {
+            runner_id: runner_id.into(),
+            cert_pem: issued.pem,
+            key_pem,
+            ca_pem: ca.cert_pem().to_owned(),
+        };
+        let path = dir.join(IDENTITY_FILE);
+        write_private_file(&path, serde_json::to_string(&identity).unwrap().as_bytes()).unwrap();
+        (IdentityFile::new(path, identity), ca)
+    }
+
+    fn on_disk(file: &IdentityFile) -> Identity {
+        serde_json::from_str(&std::fs::read_to_string(file.path()).unwrap()).unwrap()
+    }
+
+    fn answer(ca: &CertificateAuthority, csr_pem: &str, runner_id: &str) -> CertificateRenewed {
+        let issued = ca
+            .sign_runner_csr(csr_pem, runner_id, Duration::from_secs(3600))
+            .unwrap();
+        CertificateRenewed {
+            cert_pem: issued.pem,
+            not_after_ms: issued.not_after.timestamp_millis(),
+        }
+    }
+
+    #[test]
+    fn a_renewal_replaces_the_identity_on_disk_and_in_use() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let (file, ca) = enrolled(dir.path(), "r-1");
+        let before = file.current();
+        assert!(!file.renewal_due(chrono::Utc::now()));
+        assert!(file.renewal_due(chrono::Utc::now() + chrono::Duration::minutes(50)));
+
+        let request = file.renewal_request().unwrap();
+        file.renewed(&answer(&ca, &request.csr_pem, "r-1")).unwrap();
+        let after = file.current();
+        assert_eq!(after.runner_id, "r-1");
+        assert_ne!(after.cert_pem, before.cert_pem);
+        assert_ne!(after.key_pem, before.key_pem);
+        assert!(pki::cert_matches_key(&after.cert_pem, &after.key_pem).unwrap());
+        let stored = on_disk(&file);
+        assert_eq!(
+            (stored.cert_pem, stored.key_pem),
+            (after.cert_pem, after.key_pem)
+        );
+        let mode = std::fs::metadata(file.path()).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        mutual_tls(&file.current()).unwrap();
+    }
+
+    #[test]
+    fn a_wrong_answer_keeps_the_identity() {
+        let dir = tempfile::tempdir().unwrap();
+        let (file, ca) = enrolled(dir.path(), "r-1");
+        let before = file.current();
+        let refused = |answer: CertificateRenewed, expected: &str| {
+            let error = format!("{:#}", file.renewed(&answer).unwrap_err());
+            assert!(error.contains(expected), "{error}");
+            assert_eq!(file.current().cert_pem, before.cert_pem);
+            assert_eq!(on_disk(&file).cert_pem, before.cert_pem);
+        };
+
+        let (stray_csr, _) = pki::generate_csr("r").unwrap();
+        refused(answer(&ca, &stray_csr, "r-1"), "did not ask for");
+
+        file.renewal_request().unwrap();
+        refused(answer(&ca, &stray_csr, "r-1"), "not for the key");
+
+        let request = file.renewal_request().unwrap();
+        refused(answer(&ca, &request.csr_pem, "r-2"), "for runner r-2");
+
+        let request = file.renewal_request().unwrap();
+        let other_ca = CertificateAuthority::generate("another CA").unwrap();
+        refused(
+            answer(&other_ca, &request.csr_pem, "r-1"),
+            "does not verify",
+        );
+
+        file.renewal_request().unwrap();
+        refused(
+            CertificateRenewed {
+                cert_pem: "garbage".into(),
+                not_after_ms: 0,
+            },
+            "certificate",
+        );
+    }
+
+    #[test]
+    fn a_revoked_alert_is_recognised_through_its_wrappers() {
+        #[derive(Debug)]
+        struct Wrapper(std::io::Error);
+        impl std::fmt::Display for Wrapper {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("transport error")
+            }
+        }
+        impl std::error::Error for Wrapper {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.0)
+            }
+        }
+        let alert = rustls::Error::AlertReceived(rustls::AlertDescription::CertificateRevoked);
+        let revoked = Wrapper(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            alert.to_string(),
+        ));
+        assert!(refused_as_revoked(&revoked));
+        let other = Wrapper(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            rustls::Error::AlertReceived(rustls::AlertDescription::UnknownCA).to_string(),
+        ));
+        assert!(!refused_as_revoked(&other));
+        assert!(!refused_as_revoked(&std::io::Error::other(
+            "connection refused"
+        )));
     }
 }

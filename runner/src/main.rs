@@ -1,4 +1,5 @@
-//! `muster-runner`: parses its configuration and runs until SIGINT or SIGTERM.
+//! `muster-runner`: parses its configuration and runs until SIGINT or
+//! SIGTERM, then drains: running jobs get `--drain-timeout` to finish.
 
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
@@ -7,7 +8,7 @@ use tokio_util::sync::CancellationToken;
 #[command(
     name = "muster-runner",
     version,
-    about = "Muster's runner: executes leased runs in containers"
+    about = "Muster's runner: executes leased runs in containers or as local processes"
 )]
 struct Cli {
     #[command(flatten)]
@@ -21,12 +22,8 @@ async fn main() {
     let shutdown = CancellationToken::new();
     let stop = shutdown.clone();
     tokio::spawn(async move {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
+        muster_common::shutdown::requested().await;
+        tracing::info!("shutdown requested; draining");
         stop.cancel();
     });
     if let Err(error) = muster_runner::run(cli.config, shutdown).await {

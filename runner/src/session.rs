@@ -2,10 +2,11 @@
 //! backoff whenever it breaks. Everything the runner says about a run is
 //! kept until the coordinator acknowledges it, and said again after a
 //! reconnect, so logs and results survive network loss; the coordinator
-//! drops duplicates by sequence number and fencing token.
+//! drops duplicates by sequence number and fencing token. The stream also
+//! carries certificate renewals: checked at connect and every hour.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,12 +14,23 @@ use muster_proto::runner::v1::{
     coordinator_message, runner_message, Heartbeat, Hello, LogChunk, LogStream, RunRef,
     RunnerMessage,
 };
+use prost::Message;
+use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, Mutex, Notify};
 use tokio_util::sync::CancellationToken;
 
-/// Unacknowledged log bytes one run may hold before its output waits.
-const MAX_UNACKED_BYTES: usize = 16 * 1024 * 1024;
+use crate::identity::IdentityFile;
+
+/// Unacknowledged log bytes one run keeps in memory; past this they go to
+/// its spill file (when the link has a spill directory).
+const MEMORY_UNACKED_BYTES: usize = 8 * 1024 * 1024;
+/// Unacknowledged log bytes one run may hold in all before its output waits
+/// (with a spill directory; without one, the memory bound is the bound).
+const SPILLED_UNACKED_BYTES: u64 = 1024 * 1024 * 1024;
 const HEARTBEAT_EVERY: Duration = Duration::from_secs(5);
+/// How often a connected runner checks whether its certificate is due for
+/// renewal (it checks at connect, too).
+const RENEWAL_CHECK_EVERY: Duration = Duration::from_secs(3600);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stream {
@@ -30,10 +42,84 @@ pub enum Stream {
 struct Job {
     token: u64,
     started: Option<RunnerMessage>,
-    unacked: VecDeque<(u64, RunnerMessage)>,
+    /// Log chunks not yet acknowledged, in seq order.
+    unacked: VecDeque<(u64, Kept)>,
+    /// Bytes of `unacked` held in memory.
     unacked_bytes: usize,
+    /// The spill file, once the memory bound was reached.
+    spill: Option<Spill>,
     finished: Option<RunnerMessage>,
     cancel: CancellationToken,
+}
+
+/// Where an unacknowledged chunk is kept.
+enum Kept {
+    Memory(RunnerMessage),
+    /// Encoded in the spill file at this offset and length.
+    Disk {
+        offset: u64,
+        len: usize,
+        data_len: usize,
+    },
+}
+
+/// A run's spill file: encoded messages appended past the memory bound,
+/// read back to resend them; removed when the run is forgotten.
+struct Spill {
+    path: PathBuf,
+    file: std::fs::File,
+    end: u64,
+    /// Data bytes of the chunks still unacknowledged in the file.
+    pending: u64,
+}
+
+impl Spill {
+    fn open(dir: &Path, run_id: &str) -> std::io::Result<Spill> {
+        std::fs::create_dir_all(dir)?;
+        let path = dir.join(format!("{run_id}.spill"));
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .open(&path)?;
+        Ok(Spill {
+            path,
+            file,
+            end: 0,
+            pending: 0,
+        })
+    }
+
+    fn append(&mut self, message: &RunnerMessage, data_len: usize) -> std::io::Result<Kept> {
+        use std::io::{Seek, SeekFrom, Write};
+        let bytes = message.encode_to_vec();
+        self.file.seek(SeekFrom::Start(self.end))?;
+        self.file.write_all(&bytes)?;
+        let kept = Kept::Disk {
+            offset: self.end,
+            len: bytes.len(),
+            data_len,
+        };
+        self.end += bytes.len() as u64;
+        self.pending += data_len as u64;
+        Ok(kept)
+    }
+
+    fn read(&mut self, offset: u64, len: usize) -> std::io::Result<RunnerMessage> {
+        use std::io::{Read, Seek, SeekFrom};
+        let mut bytes = vec![0; len];
+        self.file.seek(SeekFrom::Start(offset))?;
+        self.file.read_exact(&mut bytes)?;
+        RunnerMessage::decode(bytes.as_slice())
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+    }
+}
+
+impl Drop for Spill {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
 }
 
 /// What the runner has said and not yet had acknowledged, and the current
@@ -43,6 +129,10 @@ struct Job {
 pub struct Link {
     state: Mutex<LinkState>,
     acked: Notify,
+    /// Where runs spill unacknowledged log chunks past the memory bound.
+    spill_dir: Option<PathBuf>,
+    /// The memory bound per run (tests make it small).
+    memory_bound: Option<usize>,
 }
 
 #[derive(Default)]
@@ -52,6 +142,23 @@ struct LinkState {
 }
 
 impl Link {
+    /// A link whose runs spill unacknowledged log chunks to files in `dir`
+    /// once they hold `memory_bound` bytes (default 8 MiB) in memory, so a
+    /// long disconnection costs disk, not memory, up to 1 GiB a run.
+    pub fn with_spill_dir(dir: PathBuf, memory_bound: Option<usize>) -> Link {
+        // Spill files of a runner that crashed are of runs it no longer has.
+        let _ = std::fs::remove_dir_all(&dir);
+        Link {
+            spill_dir: Some(dir),
+            memory_bound,
+            ..Link::default()
+        }
+    }
+
+    fn memory_bound(&self) -> usize {
+        self.memory_bound.unwrap_or(MEMORY_UNACKED_BYTES)
+    }
+
     pub async fn add_job(&self, run_id: &str, token: u64, cancel: CancellationToken) {
         let mut state = self.state.lock().await;
         state.jobs.insert(
@@ -61,6 +168,7 @@ impl Link {
                 started: None,
                 unacked: VecDeque::new(),
                 unacked_bytes: 0,
+                spill: None,
                 finished: None,
                 cancel,
             },
@@ -97,8 +205,8 @@ impl Link {
         }
     }
 
-    /// Sends a message that is not kept (heartbeats).
-    async fn send_unkept(&self, message: RunnerMessage) {
+    /// Sends a message that is not kept (heartbeats, drain notices).
+    pub(crate) async fn send_unkept(&self, message: RunnerMessage) {
         let mut state = self.state.lock().await;
         Self::send_locked(&mut state, message).await;
     }
@@ -113,10 +221,11 @@ impl Link {
                 let Some(job) = state.jobs.get_mut(run_id) else {
                     return;
                 };
-                if seq.is_none()
-                    || job.unacked_bytes + size <= MAX_UNACKED_BYTES
-                    || job.unacked.is_empty()
-                {
+                let spilled = job.spill.as_ref().map_or(0, |s| s.pending);
+                let fits_memory = job.unacked_bytes + size <= self.memory_bound();
+                let fits_disk =
+                    self.spill_dir.is_some() && spilled + size as u64 <= SPILLED_UNACKED_BYTES;
+                if seq.is_none() || fits_memory || fits_disk || job.unacked.is_empty() {
                     match (&message.kind, seq) {
                         (Some(runner_message::Kind::Started(_)), _) => {
                             job.started = Some(message.clone())
@@ -125,8 +234,18 @@ impl Link {
                             job.finished = Some(message.clone())
                         }
                         (_, Some(seq)) => {
-                            job.unacked.push_back((seq, message.clone()));
-                            job.unacked_bytes += size;
+                            let kept = if fits_memory || !fits_disk {
+                                None
+                            } else {
+                                self.spill(run_id, job, &message, size)
+                            };
+                            match kept {
+                                Some(kept) => job.unacked.push_back((seq, kept)),
+                                None => {
+                                    job.unacked.push_back((seq, Kept::Memory(message.clone())));
+                                    job.unacked_bytes += size;
+                                }
+                            }
                         }
                         _ => {}
                     }
@@ -135,6 +254,36 @@ impl Link {
                 }
             }
             notified.await;
+        }
+    }
+
+    /// Appends a chunk to the run's spill file; `None` keeps it in memory
+    /// (no spill directory, or the file cannot be written: memory is the
+    /// fallback, and the bound then holds the output back).
+    fn spill(
+        &self,
+        run_id: &str,
+        job: &mut Job,
+        message: &RunnerMessage,
+        size: usize,
+    ) -> Option<Kept> {
+        let dir = self.spill_dir.as_ref()?;
+        if job.spill.is_none() {
+            match Spill::open(dir, run_id) {
+                Ok(spill) => job.spill = Some(spill),
+                Err(error) => {
+                    tracing::warn!(run_id, %error, "cannot spill unacknowledged log to disk");
+                    return None;
+                }
+            }
+        }
+        let spill = job.spill.as_mut()?;
+        match spill.append(message, size) {
+            Ok(kept) => Some(kept),
+            Err(error) => {
+                tracing::warn!(run_id, %error, "cannot spill unacknowledged log to disk");
+                None
+            }
         }
     }
 
@@ -150,18 +299,30 @@ impl Link {
         let mut state = self.state.lock().await;
         if let Some(job) = state.jobs.get_mut(run_id) {
             while job.unacked.front().is_some_and(|(seq, _)| *seq <= acked) {
-                if let Some((_, m)) = job.unacked.pop_front() {
-                    if let Some(runner_message::Kind::Log(chunk)) = m.kind {
-                        job.unacked_bytes -= chunk.data.len();
+                match job.unacked.pop_front() {
+                    Some((_, Kept::Memory(m))) => {
+                        if let Some(runner_message::Kind::Log(chunk)) = m.kind {
+                            job.unacked_bytes -= chunk.data.len();
+                        }
                     }
+                    Some((_, Kept::Disk { data_len, .. })) => {
+                        if let Some(spill) = &mut job.spill {
+                            spill.pending -= data_len as u64;
+                        }
+                    }
+                    None => {}
                 }
+            }
+            // Everything spilled is acknowledged: the file goes.
+            if job.spill.as_ref().is_some_and(|s| s.pending == 0) {
+                job.spill = None;
             }
         }
         drop(state);
         self.acked.notify_waiters();
     }
 
-    async fn forget(&self, run_id: &str) {
+    pub(crate) async fn forget(&self, run_id: &str) {
         self.state.lock().await.jobs.remove(run_id);
         self.acked.notify_waiters();
     }
@@ -173,15 +334,53 @@ impl Link {
         }
     }
 
+    /// Waits until the coordinator has acknowledged everything said about
+    /// every run (each run's finish acknowledged, and so forgotten), for at
+    /// most `within`. Returns whether it has.
+    pub async fn wait_settled(&self, within: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            // Created before the check, so an acknowledgement in between is
+            // not missed.
+            let notified = self.acked.notified();
+            if self.state.lock().await.jobs.is_empty() {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return false;
+            }
+        }
+    }
+
+    /// Runs the coordinator has not yet acknowledged as finished.
+    pub async fn unsettled(&self) -> usize {
+        self.state.lock().await.jobs.len()
+    }
+
     /// Makes `outbox` the current stream and says again everything not
-    /// acknowledged, in order.
-    async fn attach(&self, outbox: mpsc::Sender<RunnerMessage>) {
+    /// acknowledged, in order. The session calls it on each new stream; an
+    /// embedder or a test can attach a channel of its own to see what the
+    /// runner says.
+    pub async fn attach(&self, outbox: mpsc::Sender<RunnerMessage>) {
         let mut state = self.state.lock().await;
         state.outbox = Some(outbox);
         let mut resend = Vec::new();
-        for job in state.jobs.values() {
+        for (run_id, job) in state.jobs.iter_mut() {
             resend.extend(job.started.clone());
-            resend.extend(job.unacked.iter().map(|(_, m)| m.clone()));
+            for (_, kept) in &job.unacked {
+                match kept {
+                    Kept::Memory(m) => resend.push(m.clone()),
+                    Kept::Disk { offset, len, .. } => {
+                        match job.spill.as_mut().map(|s| s.read(*offset, *len)) {
+                            Some(Ok(m)) => resend.push(m),
+                            Some(Err(error)) => {
+                                tracing::error!(run_id, %error, "a spilled log chunk cannot be read back; the coordinator will find the log incomplete")
+                            }
+                            None => {}
+                        }
+                    }
+                }
+            }
             resend.extend(job.finished.clone());
         }
         for message in resend {
@@ -198,16 +397,34 @@ impl Link {
 pub struct LogSink {
     run_id: String,
     token: u64,
-    seq: AtomicU64,
+    written: std::sync::Mutex<Written>,
     link: Arc<Link>,
+}
+
+/// What a sink has numbered so far; seq and digest move together, so the
+/// digest is over the chunks in seq order.
+struct Written {
+    seq: u64,
+    bytes: u64,
+    digest: Sha256,
 }
 
 impl LogSink {
     pub fn new(run_id: &str, token: u64, link: Arc<Link>) -> Self {
+        Self::continuing(run_id, token, 0, link)
+    }
+
+    /// A sink whose first chunk is `after_seq + 1`: a further attempt of a
+    /// run continues the log its earlier attempts wrote.
+    pub fn continuing(run_id: &str, token: u64, after_seq: u64, link: Arc<Link>) -> Self {
         LogSink {
             run_id: run_id.to_owned(),
             token,
-            seq: AtomicU64::new(0),
+            written: std::sync::Mutex::new(Written {
+                seq: after_seq,
+                bytes: 0,
+                digest: Sha256::new(),
+            }),
             link,
         }
     }
@@ -216,7 +433,13 @@ impl LogSink {
         if data.is_empty() {
             return;
         }
-        let seq = self.seq.fetch_add(1, Ordering::SeqCst) + 1;
+        let seq = {
+            let mut written = self.written.lock().expect("sink lock");
+            written.seq += 1;
+            written.bytes += data.len() as u64;
+            written.digest.update(&data);
+            written.seq
+        };
         let size = data.len();
         let chunk = LogChunk {
             run_id: self.run_id.clone(),
@@ -239,7 +462,37 @@ impl LogSink {
     }
 
     pub fn last_seq(&self) -> u64 {
-        self.seq.load(Ordering::SeqCst)
+        self.written.lock().expect("sink lock").seq
+    }
+
+    /// Bytes written and their SHA-256 (hex), in seq order.
+    pub fn digest(&self) -> (u64, String) {
+        let written = self.written.lock().expect("sink lock");
+        (
+            written.bytes,
+            hex::encode(written.digest.clone().finalize()),
+        )
+    }
+}
+
+/// Asks the coordinator for a new certificate once the current one has less
+/// than a third of its validity left. An answer that never comes costs
+/// nothing: the runner asks again at its next connection or check.
+async fn ask_for_renewal_if_due(identity: &IdentityFile, link: &Link) {
+    if !identity.renewal_due(chrono::Utc::now()) {
+        return;
+    }
+    match identity.renewal_request() {
+        Ok(request) => {
+            tracing::info!("asking the coordinator to renew the runner certificate");
+            link.send_unkept(RunnerMessage {
+                kind: Some(runner_message::Kind::RenewCertificate(request)),
+            })
+            .await;
+        }
+        Err(error) => {
+            tracing::warn!(error = %format!("{error:#}"), "could not make a certificate signing request")
+        }
     }
 }
 
@@ -248,7 +501,8 @@ pub enum Command {
     Lease(muster_proto::runner::v1::Lease),
 }
 
-/// Holds one stream until it breaks. Returns when the stream ends.
+/// Holds one stream until it breaks or `stop` fires. Returns when the
+/// stream ends.
 pub async fn hold_stream(
     client: &mut muster_proto::runner::v1::runner_service_client::RunnerServiceClient<
         tonic::transport::Channel,
@@ -256,7 +510,8 @@ pub async fn hold_stream(
     hello: Hello,
     link: &Arc<Link>,
     commands: &mpsc::Sender<Command>,
-    shutdown: &CancellationToken,
+    identity: &Arc<IdentityFile>,
+    stop: &CancellationToken,
 ) -> Result<(), tonic::Status> {
     let (outbox, rx) = mpsc::channel(1024);
     outbox
@@ -290,9 +545,16 @@ pub async fn hold_stream(
         }
     });
 
+    // The first tick is at once: the check at connect.
+    let mut renewal_check = tokio::time::interval(RENEWAL_CHECK_EVERY);
+    renewal_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let result = loop {
         let message = tokio::select! {
-            _ = shutdown.cancelled() => break Ok(()),
+            _ = stop.cancelled() => break Ok(()),
+            _ = renewal_check.tick() => {
+                ask_for_renewal_if_due(identity, link).await;
+                continue;
+            }
             m = inbound.message() => m,
         };
         let message = match message {
@@ -315,6 +577,19 @@ pub async fn hold_stream(
             Some(coordinator_message::Kind::Cancel(cancel)) => {
                 link.cancel(&cancel.run_id, cancel.fencing_token).await
             }
+            Some(coordinator_message::Kind::CertificateRenewed(answer)) => {
+                let identity = identity.clone();
+                match tokio::task::spawn_blocking(move || identity.renewed(&answer)).await {
+                    Ok(Ok(())) => {
+                        tracing::info!("runner certificate renewed; the next connection uses it")
+                    }
+                    Ok(Err(error)) => tracing::warn!(
+                        error = %format!("{error:#}"),
+                        "kept the current certificate: the renewed one is unusable"
+                    ),
+                    Err(error) => tracing::warn!(%error, "storing the renewed certificate failed"),
+                }
+            }
             Some(coordinator_message::Kind::Reject(reject)) => {
                 tracing::warn!(run_id = %reject.run_id, reason = %reject.reason, "coordinator refused a message about a run; stopping it");
                 link.cancel(&reject.run_id, reject.fencing_token).await;
@@ -326,4 +601,73 @@ pub async fn hold_stream(
     link.detach().await;
     drop(heartbeat_guard);
     result
+}
+
+#[cfg(test)]
+mod spill_tests {
+    use super::*;
+
+    fn chunk_data(seq: u64) -> Vec<u8> {
+        format!("{seq:05} {}\n", "x".repeat(1000)).into_bytes()
+    }
+
+    fn logged(messages: &[RunnerMessage]) -> Vec<(u64, Vec<u8>)> {
+        messages
+            .iter()
+            .filter_map(|m| match &m.kind {
+                Some(runner_message::Kind::Log(c)) => Some((c.seq, c.data.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Disconnected, a run's log goes to disk past the memory bound; on
+    /// reconnect every chunk is said again, in order and intact; once all
+    /// is acknowledged the spill file is gone.
+    #[tokio::test]
+    async fn unacknowledged_log_spills_to_disk_and_is_resent_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let spill_dir = dir.path().join("spill");
+        let link = Arc::new(Link::with_spill_dir(spill_dir.clone(), Some(10 * 1024)));
+        link.add_job("run-1", 7, CancellationToken::new()).await;
+        let sink = LogSink::new("run-1", 7, link.clone());
+        for seq in 1..=100 {
+            sink.write(Stream::Stdout, chunk_data(seq)).await;
+        }
+        {
+            let state = link.state.lock().await;
+            let job = &state.jobs["run-1"];
+            assert!(job.unacked_bytes <= 10 * 1024, "memory stays bounded");
+            assert_eq!(job.unacked.len(), 100);
+        }
+        let file = spill_dir.join("run-1.spill");
+        assert!(
+            file.metadata().unwrap().len() > 80 * 1000,
+            "the rest is on disk"
+        );
+
+        let (tx, mut rx) = mpsc::channel(1000);
+        link.attach(tx).await;
+        let mut resent = Vec::new();
+        while let Ok(m) = rx.try_recv() {
+            resent.push(m);
+        }
+        let expected: Vec<(u64, Vec<u8>)> = (1..=100).map(|s| (s, chunk_data(s))).collect();
+        assert_eq!(logged(&resent), expected);
+
+        link.on_log_ack("run-1", 50).await;
+        assert!(file.exists(), "chunks 51-100 still need the file");
+        link.on_log_ack("run-1", 100).await;
+        assert!(!file.exists(), "all acknowledged: the spill file is gone");
+    }
+
+    #[test]
+    fn a_restarted_runner_clears_spill_files_of_runs_it_no_longer_has() {
+        let dir = tempfile::tempdir().unwrap();
+        let spill_dir = dir.path().join("spill");
+        std::fs::create_dir_all(&spill_dir).unwrap();
+        std::fs::write(spill_dir.join("old.spill"), b"stale").unwrap();
+        let _link = Link::with_spill_dir(spill_dir.clone(), None);
+        assert!(!spill_dir.join("old.spill").exists());
+    }
 }

@@ -90,7 +90,7 @@ impl TestCoordinator {
         muster_common::telemetry::init();
         let data_dir = tempfile::tempdir()?;
         let mut config =
-            muster_coordinator::Config::for_tests(&db.url, data_dir.path().to_path_buf());
+            muster_coordinator::Config::for_tests(Some(&db.url), data_dir.path().to_path_buf());
         adjust(&mut config);
         let coordinator = muster_coordinator::start(config).await?;
         let admin_key = std::fs::read_to_string(data_dir.path().join("admin-api-key"))
@@ -112,7 +112,8 @@ impl TestCoordinator {
         first: &TestCoordinator,
     ) -> anyhow::Result<TestCoordinator> {
         let data_dir = tempfile::tempdir()?;
-        let config = muster_coordinator::Config::for_tests(&db.url, data_dir.path().to_path_buf());
+        let config =
+            muster_coordinator::Config::for_tests(Some(&db.url), data_dir.path().to_path_buf());
         let coordinator = muster_coordinator::start(config).await?;
         if data_dir.path().join("admin-api-key").exists() {
             bail!("a second coordinator on a bootstrapped database wrote another admin key");
@@ -201,15 +202,48 @@ impl TestCoordinator {
         capacity: u32,
         labels: &[&str],
     ) -> anyhow::Result<TestRunner> {
+        self.start_runner_from(json!({}), capacity, labels).await
+    }
+
+    /// Like `start_runner`, for one organization's runs only (the runners
+    /// above serve every organization).
+    pub async fn start_runner_of(
+        &self,
+        organization: &str,
+        capacity: u32,
+    ) -> anyhow::Result<TestRunner> {
+        self.start_runner_from(json!({ "organization": organization }), capacity, &[])
+            .await
+    }
+
+    /// Starts a runner enrolled with a join token created with `token_body`.
+    async fn start_runner_from(
+        &self,
+        token_body: Value,
+        capacity: u32,
+        labels: &[&str],
+    ) -> anyhow::Result<TestRunner> {
+        let (mut config, data_dir) = self.runner_config(token_body).await?;
+        config.capacity = capacity;
+        config.labels = labels.iter().map(|l| l.to_string()).collect();
+        self.spawn_runner(config, data_dir).await
+    }
+
+    /// A runner configuration with a fresh join token created with
+    /// `token_body` and a fresh data directory, to start or only enroll.
+    pub async fn runner_config(
+        &self,
+        token_body: Value,
+    ) -> anyhow::Result<(muster_runner::Config, tempfile::TempDir)> {
         let token = self
             .admin(
                 reqwest::Method::POST,
                 "/api/v1/runners/join-tokens/",
-                Some(json!({})),
+                Some(token_body),
             )
             .await?;
         let data_dir = tempfile::tempdir()?;
-        let mut config = muster_runner::Config::for_tests(
+        let config = muster_runner::Config::for_tests(
             self.grpc_url(),
             token["token"].as_str().unwrap_or_default().to_owned(),
             token["ca_cert_hash"]
@@ -218,35 +252,128 @@ impl TestCoordinator {
                 .to_owned(),
             data_dir.path().to_path_buf(),
         );
-        config.capacity = capacity;
-        config.labels = labels.iter().map(|l| l.to_string()).collect();
+        Ok((config, data_dir))
+    }
+
+    /// Stops a runner and starts it again on its data directory, as a
+    /// restarted runner process: it connects with the identity stored there.
+    pub async fn restart_runner(&self, runner: TestRunner) -> anyhow::Result<TestRunner> {
+        let id = runner.runner_id()?;
+        runner.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(15), runner.task)
+            .await
+            .context("the runner did not stop within 15 s")???;
+        // Offline first, so the old stream's end is not taken for the new one's.
+        wait_until(
+            Duration::from_secs(10),
+            "the runner to go offline",
+            || async { Ok(!self.runner_online(&id).await?) },
+        )
+        .await?;
+        self.spawn_runner(runner.config, runner.data_dir).await
+    }
+
+    async fn spawn_runner(
+        &self,
+        config: muster_runner::Config,
+        data_dir: tempfile::TempDir,
+    ) -> anyhow::Result<TestRunner> {
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(muster_runner::run(config, shutdown.clone()));
+        let task = tokio::spawn(muster_runner::run(config.clone(), shutdown.clone()));
         let runner = TestRunner {
             shutdown,
             task,
             data_dir,
+            config,
         };
-        // Ready once the coordinator lists one more online runner.
-        let before = self.online_runners().await?;
+        // Ready once the runner has enrolled (its identity file names its id)
+        // and the coordinator lists that runner online.
         wait_until(Duration::from_secs(30), "the runner to connect", || async {
             if runner.task.is_finished() {
                 bail!("the runner stopped while starting");
             }
-            Ok(self.online_runners().await? > before)
+            let Ok(identity) = runner.identity() else {
+                return Ok(false);
+            };
+            let Some(id) = identity["runner_id"].as_str() else {
+                return Ok(false);
+            };
+            self.runner_online(id).await
         })
         .await?;
         Ok(runner)
     }
 
-    async fn online_runners(&self) -> anyhow::Result<usize> {
-        let list = self
-            .admin(reqwest::Method::GET, "/api/v1/runners/", None)
-            .await?;
-        Ok(list["results"]
-            .as_array()
-            .map(|r| r.iter().filter(|r| r["status"] == "online").count())
-            .unwrap_or(0))
+    /// An in-process runner with its configuration adjusted.
+    pub async fn start_runner_configured(
+        &self,
+        adjust: impl FnOnce(&mut muster_runner::Config),
+    ) -> anyhow::Result<TestRunner> {
+        let (mut config, data_dir) = self.runner_config(json!({})).await?;
+        adjust(&mut config);
+        self.spawn_runner(config, data_dir).await
+    }
+
+    /// A runner in a process of its own (the built `muster-runner`), for
+    /// tests that kill, freeze or cut it off. `args` are extra flags.
+    pub async fn start_runner_process(&self, args: &[&str]) -> anyhow::Result<RunnerProcess> {
+        self.start_runner_process_via(&self.grpc_url(), args).await
+    }
+
+    /// Like `start_runner_process`, reaching the coordinator at `coordinator`
+    /// (a proxy in front of it, say).
+    pub async fn start_runner_process_via(
+        &self,
+        coordinator: &str,
+        args: &[&str],
+    ) -> anyhow::Result<RunnerProcess> {
+        let (config, _unused) = self.runner_config(json!({})).await?;
+        let token = config
+            .join_token
+            .as_ref()
+            .map(|t| t.expose().to_owned())
+            .unwrap_or_default();
+        let hash = config.ca_cert_hash.clone().unwrap_or_default();
+        let runner = RunnerProcess::start(coordinator, &token, &hash, args).await?;
+        wait_until(Duration::from_secs(30), "the runner to connect", || async {
+            self.runner_online(&runner.id).await
+        })
+        .await
+        .with_context(|| runner.log())?;
+        Ok(runner)
+    }
+
+    /// Whether the coordinator lists runner `id` as online.
+    pub async fn runner_online(&self, id: &str) -> anyhow::Result<bool> {
+        Ok(self
+            .runner_listed(id)
+            .await?
+            .is_some_and(|r| r["status"] == "online"))
+    }
+
+    /// Runner `id` as `GET /api/v1/runners/` lists it to the admin.
+    pub async fn runner_listed(&self, id: &str) -> anyhow::Result<Option<Value>> {
+        let mut path = "/api/v1/runners/?page_size=100".to_owned();
+        loop {
+            let list = self.admin(reqwest::Method::GET, &path, None).await?;
+            let found = list["results"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|r| r["id"] == id);
+            if let Some(runner) = found {
+                return Ok(Some(runner.clone()));
+            }
+            match list["next"].as_str() {
+                Some(next) => {
+                    path = next
+                        .split_once("/api/")
+                        .map(|(_, rest)| format!("/api/{rest}"))
+                        .unwrap_or_default()
+                }
+                None => return Ok(None),
+            }
+        }
     }
 
     /// Triggers `block action` of a workspace; returns the run id.
@@ -302,9 +429,26 @@ pub struct TestRunner {
     pub shutdown: CancellationToken,
     pub task: tokio::task::JoinHandle<anyhow::Result<()>>,
     pub data_dir: tempfile::TempDir,
+    pub config: muster_runner::Config,
 }
 
 impl TestRunner {
+    /// The runner's stored identity (`identity.json`): its id, certificate,
+    /// key and the coordinator's CA.
+    pub fn identity(&self) -> anyhow::Result<Value> {
+        let path = self.data_dir.path().join("identity.json");
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        Ok(serde_json::from_str(&text)?)
+    }
+
+    pub fn runner_id(&self) -> anyhow::Result<String> {
+        self.identity()?["runner_id"]
+            .as_str()
+            .map(str::to_owned)
+            .ok_or_else(|| anyhow!("identity.json names no runner"))
+    }
+
     pub async fn stop(self) {
         self.shutdown.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(10), self.task).await;
@@ -329,19 +473,307 @@ where
     }
 }
 
-/// The built `muster` CLI binary (cargo builds it for the workspace's tests).
+/// The built `muster` CLI binary (scripts/test.sh builds every binary first).
 pub fn muster_cli() -> anyhow::Result<PathBuf> {
+    built_binary("muster")
+}
+
+/// A binary of the workspace, built next to the test binaries.
+pub fn built_binary(name: &str) -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;
     let dir = exe
         .parent()
         .and_then(Path::parent)
         .ok_or_else(|| anyhow!("no target dir"))?;
-    let cli = dir.join("muster");
-    if !cli.exists() {
+    let path = dir.join(name);
+    if !path.exists() {
         bail!(
-            "{} is missing: build it with `cargo build -p muster-cli`",
-            cli.display()
+            "{} is missing: build the binaries with `cargo build --workspace --bins`",
+            path.display()
         );
     }
-    Ok(cli)
+    Ok(path)
+}
+
+/// A runner process started by `TestCoordinator::start_runner_process`.
+pub struct RunnerProcess {
+    pub child: tokio::process::Child,
+    pub data_dir: tempfile::TempDir,
+    pub id: String,
+    args: Vec<String>,
+}
+
+impl RunnerProcess {
+    /// Starts a runner process that enrolls at `coordinator` with a join
+    /// token; returns once it has enrolled.
+    pub async fn start(
+        coordinator: &str,
+        join_token: &str,
+        ca_cert_hash: &str,
+        args: &[&str],
+    ) -> anyhow::Result<RunnerProcess> {
+        let data_dir = tempfile::tempdir()?;
+        let mut args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        args.extend(["--coordinator".into(), coordinator.into()]);
+        args.extend(["--ca-cert-hash".into(), ca_cert_hash.into()]);
+        let mut child = Self::spawn(data_dir.path(), &args, Some(join_token))?;
+        let identity = data_dir.path().join("identity.json");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        let id = loop {
+            let id = std::fs::read_to_string(&identity)
+                .ok()
+                .and_then(|text| serde_json::from_str::<Value>(&text).ok())
+                .and_then(|v| v["runner_id"].as_str().map(str::to_owned));
+            if let Some(id) = id {
+                break id;
+            }
+            let log =
+                std::fs::read_to_string(data_dir.path().join("runner.log")).unwrap_or_default();
+            if child.try_wait()?.is_some() {
+                bail!("the runner exited while enrolling:\n{log}");
+            }
+            if tokio::time::Instant::now() >= deadline {
+                bail!("the runner did not enroll within 30 s:\n{log}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        Ok(RunnerProcess {
+            child,
+            data_dir,
+            id,
+            args,
+        })
+    }
+
+    fn spawn(
+        data_dir: &Path,
+        args: &[String],
+        join_token: Option<&str>,
+    ) -> anyhow::Result<tokio::process::Child> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(data_dir.join("runner.log"))?;
+        let mut command = tokio::process::Command::new(built_binary("muster-runner")?);
+        command
+            .args(["--data-dir".as_ref(), data_dir.as_os_str()])
+            .args(args)
+            .env_remove("MUSTER_JOIN_TOKEN")
+            .env("RUST_LOG", "info")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .kill_on_drop(true);
+        if let Some(token) = join_token {
+            command.env("MUSTER_JOIN_TOKEN", token);
+        }
+        command.spawn().context("starting muster-runner")
+    }
+
+    /// Starts the runner again (after `kill`) with its stored identity.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.child = Self::spawn(self.data_dir.path(), &self.args, None)?;
+        Ok(())
+    }
+
+    /// SIGKILL: the runner ends with no chance to say anything.
+    pub async fn kill(&mut self) -> anyhow::Result<()> {
+        self.child.start_kill()?;
+        self.child.wait().await?;
+        Ok(())
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.data_dir.path().join("runner.log")).unwrap_or_default()
+    }
+}
+
+/// A TCP proxy the test controls, to cut the network between a runner and
+/// the coordinator: while cut, open connections are dropped and new ones
+/// are closed at once.
+pub struct Proxy {
+    pub addr: std::net::SocketAddr,
+    cut: std::sync::Arc<tokio::sync::watch::Sender<bool>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Proxy {
+    pub async fn start(target: std::net::SocketAddr) -> anyhow::Result<Proxy> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let (cut, _) = tokio::sync::watch::channel(false);
+        let cut = std::sync::Arc::new(cut);
+        let task = tokio::spawn({
+            let cut = cut.clone();
+            async move {
+                while let Ok((mut inbound, _)) = listener.accept().await {
+                    if *cut.borrow() {
+                        continue; // dropped: closed at once
+                    }
+                    let mut watch = cut.subscribe();
+                    tokio::spawn(async move {
+                        let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await else {
+                            return;
+                        };
+                        tokio::select! {
+                            _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                            _ = watch.wait_for(|cut| *cut) => {}
+                        }
+                    });
+                }
+            }
+        });
+        Ok(Proxy { addr, cut, task })
+    }
+
+    /// Drops every connection through the proxy and refuses new ones.
+    pub fn cut(&self) {
+        self.cut.send_replace(true);
+    }
+
+    pub fn restore(&self) {
+        self.cut.send_replace(false);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The ids of the Docker containers (running or not) of a run, by the
+/// label the docker executor gives them.
+pub fn containers_of_run(run_id: &str) -> anyhow::Result<String> {
+    let out = std::process::Command::new("docker")
+        .args([
+            "ps",
+            "-a",
+            "-q",
+            "--filter",
+            &format!("label=io.muster.run-id={run_id}"),
+        ])
+        .output()?;
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+/// A free loopback port (bound, then released for a process to take).
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// Sends `signal` (`-STOP`, `-TERM`, …) to process `pid`.
+pub fn signal(pid: u32, signal: &str) -> anyhow::Result<()> {
+    let status = std::process::Command::new("kill")
+        .args([signal, &pid.to_string()])
+        .status()?;
+    anyhow::ensure!(status.success(), "kill {signal} {pid} failed");
+    Ok(())
+}
+
+/// Whether `pid` is a live process (not a zombie).
+pub fn process_alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            let state = stat
+                .rsplit_once(')')?
+                .1
+                .split_whitespace()
+                .next()?
+                .to_owned();
+            Some(state != "Z" && state != "X")
+        })
+        .unwrap_or(false)
+}
+
+/// A coordinator in a process of its own (the built `muster-coordinator`)
+/// on fixed loopback ports, so a test can kill it and start it again.
+pub struct CoordinatorProcess {
+    child: tokio::process::Child,
+    db_url: String,
+    data_dir: PathBuf,
+    args: Vec<String>,
+    pub http: u16,
+    pub grpc: u16,
+}
+
+impl CoordinatorProcess {
+    /// Starts one on `db_url` and `data_dir` with extra flags `args`;
+    /// returns once it answers `/readyz`.
+    pub async fn start(
+        db_url: &str,
+        data_dir: &Path,
+        args: &[&str],
+    ) -> anyhow::Result<CoordinatorProcess> {
+        let (http, grpc) = (free_port()?, free_port()?);
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        let child = Self::spawn(db_url, data_dir, http, grpc, &args)?;
+        let coordinator = CoordinatorProcess {
+            child,
+            db_url: db_url.to_owned(),
+            data_dir: data_dir.to_path_buf(),
+            args,
+            http,
+            grpc,
+        };
+        coordinator.wait_ready().await?;
+        Ok(coordinator)
+    }
+
+    fn spawn(
+        db_url: &str,
+        data_dir: &Path,
+        http: u16,
+        grpc: u16,
+        args: &[String],
+    ) -> anyhow::Result<tokio::process::Child> {
+        tokio::process::Command::new(built_binary("muster-coordinator")?)
+            .args(["--data-dir".as_ref(), data_dir.as_os_str()])
+            .args(["--http-addr", &format!("127.0.0.1:{http}")])
+            .args(["--grpc-addr", &format!("127.0.0.1:{grpc}")])
+            .args(args)
+            .env("MUSTER_DATABASE_URL", db_url)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting muster-coordinator")
+    }
+
+    async fn wait_ready(&self) -> anyhow::Result<()> {
+        let client = reqwest::Client::new();
+        let url = format!("{}/readyz", self.url());
+        wait_until(Duration::from_secs(30), "the coordinator to answer", || {
+            let request = client.get(&url).send();
+            async move { Ok(request.await.is_ok_and(|r| r.status().is_success())) }
+        })
+        .await
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.http)
+    }
+
+    /// SIGKILL: it ends with no chance to say anything.
+    pub async fn kill(&mut self) -> anyhow::Result<()> {
+        self.child.start_kill()?;
+        self.child.wait().await?;
+        Ok(())
+    }
+
+    /// Starts it again on the same ports, database and data directory.
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        self.child = Self::spawn(
+            &self.db_url,
+            &self.data_dir,
+            self.http,
+            self.grpc,
+            &self.args,
+        )?;
+        self.wait_ready().await
+    }
 }

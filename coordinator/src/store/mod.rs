@@ -6,6 +6,7 @@
 //! see its own organization's objects.
 
 pub mod postgres;
+pub mod sqlite;
 
 use std::collections::BTreeMap;
 
@@ -211,6 +212,52 @@ pub struct Run {
     pub lease_expires_at: Option<DateTime<Utc>>,
     pub started_at: Option<DateTime<Utc>>,
     pub finished_at: Option<DateTime<Utc>>,
+    /// When someone asked to cancel the run while a runner held it.
+    pub cancel_requested_at: Option<DateTime<Utc>>,
+    /// Attempts the run may take when runners are lost (1 + the action's retries).
+    pub max_attempts: i32,
+    /// The action's or the trigger's timeout, in seconds.
+    pub timeout_secs: Option<i64>,
+    /// The current attempt's log continues after this seq.
+    pub log_seq_base: i64,
+    /// The runner's account of the log, and whether the stored log matched it.
+    pub log_check: Option<LogCheck>,
+}
+
+/// The runner's account of a run's log at its end, checked against what
+/// the coordinator stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogCheck {
+    pub bytes: i64,
+    /// SHA-256 of the attempt's output in seq order, hex.
+    pub sha256: String,
+    pub verified: bool,
+}
+
+/// A file a job left in its artifacts directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Artifact {
+    /// Relative to the block's artifacts directory.
+    pub path: String,
+    pub size: i64,
+    pub sha256: String,
+}
+
+/// An artifact's digest, as both stores record it.
+fn sha256_hex(data: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    hex::encode(Sha256::digest(data))
+}
+
+/// What asking to cancel a run did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CancelOutcome {
+    /// It was queued; it is now `canceled`.
+    Canceled(Run),
+    /// A runner holds it: the request is recorded and the runner must be told.
+    Requested(Run),
+    /// It had ended already; nothing changed.
+    AlreadyFinal(Run),
 }
 
 #[derive(Debug, Clone)]
@@ -227,6 +274,8 @@ pub struct NewRun {
     pub trigger: serde_json::Value,
     pub plan: serde_json::Value,
     pub runner_labels: BTreeMap<String, String>,
+    pub max_attempts: i32,
+    pub timeout_secs: Option<i64>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -294,6 +343,7 @@ pub struct RunEnd {
     pub error: Option<String>,
     pub last_seq: i64,
     pub finished_at: DateTime<Utc>,
+    pub log_check: Option<LogCheck>,
 }
 
 #[derive(Debug, Clone)]
@@ -331,13 +381,34 @@ pub struct Runner {
     pub labels: BTreeMap<String, String>,
     pub capacity: i32,
     pub version: String,
+    /// The serial of the runner's current certificate.
     pub cert_serial: String,
     pub cert_not_after: DateTime<Utc>,
+    /// The certificate the current one was renewed from, still accepted until
+    /// the runner connects with the new one (the answer may have been lost).
+    pub previous_cert_serial: Option<String>,
     pub connected: bool,
     pub created_at: DateTime<Utc>,
     pub last_seen_at: Option<DateTime<Utc>>,
     pub revoked_at: Option<DateTime<Utc>>,
     pub active_runs: i64,
+}
+
+impl Runner {
+    /// Whether a certificate with this serial may open a session.
+    pub fn accepts_cert(&self, serial_hex: &str) -> bool {
+        self.revoked_at.is_none()
+            && (self.cert_serial == serial_hex
+                || self.previous_cert_serial.as_deref() == Some(serial_hex))
+    }
+}
+
+/// A revoked runner, as the TLS layer refuses it: by id and by the serials
+/// of every certificate it may still hold.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RevokedRunner {
+    pub id: Uuid,
+    pub cert_serials: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -413,6 +484,50 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<std::result::Result<i64, Fenced>>;
     async fn logs(&self, id: Uuid, after_seq: i64, limit: i64) -> Result<Vec<LogChunk>>;
     async fn active_runs_of_runner(&self, runner_id: Uuid) -> Result<Vec<Run>>;
+    /// Extends the leases of the runs a runner reports executing, as
+    /// `(run, fencing token)`. Returns the reported runs it no longer holds
+    /// (superseded, ended): the runner must stop them.
+    async fn extend_leases(
+        &self,
+        runner_id: Uuid,
+        held: &[(Uuid, i64)],
+        expires_at: DateTime<Utc>,
+    ) -> Result<Vec<(Uuid, i64)>>;
+    /// Leased or running runs whose lease ran out before `now`, oldest
+    /// first, as `(run, fencing token)`.
+    async fn expired_leases(&self, now: DateTime<Utc>, limit: i64) -> Result<Vec<(Uuid, i64)>>;
+    /// Takes a run from a runner that no longer executes it, if `token`
+    /// still holds it: queued again when attempts remain (and no cancel was
+    /// asked for), its log to continue after what is stored; `timed_out`
+    /// when its timeout had passed; else `lost`, with `reason`. Returns the
+    /// run as it is now, or `None` when the token no longer holds it.
+    async fn abandon_run(
+        &self,
+        id: Uuid,
+        token: i64,
+        reason: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Option<Run>>;
+    /// Stores a run's artifacts (replacing any of the same path) while
+    /// `token` holds the run; `Stale` otherwise.
+    async fn put_artifacts(
+        &self,
+        id: Uuid,
+        token: i64,
+        files: &[(String, Vec<u8>)],
+    ) -> Result<Fenced>;
+    /// The run's artifacts by path; `None` when the run is not in scope.
+    async fn artifacts(&self, scope: Scope, id: Uuid) -> Result<Option<Vec<Artifact>>>;
+    /// One artifact's content; `None` when the run is not in scope or has no such file.
+    async fn artifact(&self, scope: Scope, id: Uuid, path: &str) -> Result<Option<Vec<u8>>>;
+    /// Cancels a queued run at once; for a leased or running one, records
+    /// the request (the first one's time is kept). `None`: no such run in scope.
+    async fn cancel_run(
+        &self,
+        scope: Scope,
+        id: Uuid,
+        now: DateTime<Utc>,
+    ) -> Result<Option<CancelOutcome>>;
 
     // Runners.
     async fn create_join_token(&self, token: NewJoinToken) -> Result<JoinToken>;
@@ -425,9 +540,13 @@ pub trait Store: Send + Sync + 'static {
     async fn create_runner(&self, runner: NewRunner) -> Result<Runner>;
     async fn runner(&self, id: Uuid) -> Result<Option<Runner>>;
     async fn list_runners(&self, scope: Scope, page: Page) -> Result<(i64, Vec<Runner>)>;
+    /// Records a runner's new stream. `cert_serial` is the certificate it
+    /// connected with: once that is the current one, the one it was renewed
+    /// from is no longer accepted.
     async fn runner_connected(
         &self,
         id: Uuid,
+        cert_serial: &str,
         labels: &BTreeMap<String, String>,
         capacity: i32,
         version: &str,
@@ -435,6 +554,29 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<()>;
     async fn runner_seen(&self, id: Uuid, now: DateTime<Utc>) -> Result<()>;
     async fn runner_disconnected(&self, id: Uuid, now: DateTime<Utc>) -> Result<()>;
+    /// Revokes a runner of the scope (an organization's own runners; an
+    /// instance-wide runner only with `Scope::All`). Revoking again keeps the
+    /// first time. Returns the runner as it is now, `None` when the scope has
+    /// no such runner. A revoked runner is never leased another run.
+    async fn revoke_runner(
+        &self,
+        scope: Scope,
+        id: Uuid,
+        now: DateTime<Utc>,
+    ) -> Result<Option<Runner>>;
+    /// Every revoked runner with the serials of its certificates.
+    async fn revoked_runners(&self) -> Result<Vec<RevokedRunner>>;
+    /// Records a certificate issued to a runner that presented the one with
+    /// `presented_serial`: the new one becomes current, the presented one its
+    /// predecessor. Refused (false) for a revoked or unknown runner, and when
+    /// the presented certificate is neither the current nor the previous one.
+    async fn runner_cert_renewed(
+        &self,
+        id: Uuid,
+        presented_serial: &str,
+        serial: &str,
+        not_after: DateTime<Utc>,
+    ) -> Result<bool>;
 }
 
 /// The first admin: created with its organization, identity and key together.

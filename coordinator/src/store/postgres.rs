@@ -2,7 +2,7 @@
 //! coordinators. Runs are claimed with `FOR UPDATE SKIP LOCKED` in one
 //! statement, and no transaction is ever held while a job runs.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::str::FromStr;
 
 use async_trait::async_trait;
@@ -15,7 +15,14 @@ use uuid::Uuid;
 use super::*;
 
 /// Forward-only migrations, applied in order at start.
-const MIGRATIONS: &[(i32, &str)] = &[(1, include_str!("migrations/postgres/0001_init.sql"))];
+const MIGRATIONS: &[(i32, &str)] = &[
+    (1, include_str!("migrations/postgres/0001_init.sql")),
+    (2, include_str!("migrations/postgres/0002_cancel.sql")),
+    (3, include_str!("migrations/postgres/0003_leases.sql")),
+    (4, include_str!("migrations/postgres/0004_log_check.sql")),
+    (5, include_str!("migrations/postgres/0005_artifacts.sql")),
+    (6, include_str!("migrations/postgres/0006_revocation.sql")),
+];
 
 /// Serialises schema changes between coordinators starting at once.
 const MIGRATION_LOCK: i64 = 0x6d75_7374_6572;
@@ -35,7 +42,12 @@ impl std::fmt::Debug for PgStore {
 fn db_err(e: tokio_postgres::Error) -> StoreError {
     if let Some(db) = e.as_db_error() {
         if *db.code() == SqlState::UNIQUE_VIOLATION {
-            return StoreError::Conflict(db.detail().unwrap_or(db.message()).to_owned());
+            // "Key (name)=(acme) already exists.": Conflict's message says the last part.
+            let detail = db.detail().unwrap_or(db.message());
+            let what = detail
+                .trim_end_matches('.')
+                .trim_end_matches(" already exists");
+            return StoreError::Conflict(what.to_owned());
         }
         return StoreError::Database(db.message().to_owned());
     }
@@ -64,7 +76,8 @@ const RUN_SELECT: &str = "SELECT r.id, r.org_id, o.name AS organization, r.works
     r.bundle_digest, r.block, r.block_version, r.action, r.parameters, r.reason, r.trigger, r.plan, \
     r.runner_labels, r.status, r.exit_code, r.error, r.runner_id, rn.name AS runner_name, r.executor, \
     r.image, r.image_digest, r.fencing_token, r.attempt, r.log_acked_seq, r.created_at, r.leased_at, \
-    r.lease_expires_at, r.started_at, r.finished_at \
+    r.lease_expires_at, r.started_at, r.finished_at, r.cancel_requested_at, \
+    r.max_attempts, r.timeout_secs, r.log_seq_base, r.log_bytes, r.log_sha256, r.log_verified \
     FROM runs r JOIN organizations o ON o.id = r.org_id LEFT JOIN runners rn ON rn.id = r.runner_id";
 
 fn run_from_row(row: &Row) -> Result<Run> {
@@ -101,6 +114,22 @@ fn run_from_row(row: &Row) -> Result<Run> {
         lease_expires_at: row.get("lease_expires_at"),
         started_at: row.get("started_at"),
         finished_at: row.get("finished_at"),
+        cancel_requested_at: row.get("cancel_requested_at"),
+        max_attempts: row.get("max_attempts"),
+        timeout_secs: row.get("timeout_secs"),
+        log_seq_base: row.get("log_seq_base"),
+        log_check: match (
+            row.get::<_, Option<i64>>("log_bytes"),
+            row.get::<_, Option<String>>("log_sha256"),
+            row.get::<_, Option<bool>>("log_verified"),
+        ) {
+            (Some(bytes), Some(sha256), Some(verified)) => Some(LogCheck {
+                bytes,
+                sha256,
+                verified,
+            }),
+            _ => None,
+        },
     })
 }
 
@@ -136,7 +165,8 @@ fn api_key_from_row(row: &Row) -> ApiKey {
 }
 
 const RUNNER_SELECT: &str = "SELECT rn.id, rn.org_id, rn.name, rn.labels, rn.capacity, rn.version, \
-    rn.cert_serial, rn.cert_not_after, rn.connected, rn.created_at, rn.last_seen_at, rn.revoked_at, \
+    rn.cert_serial, rn.cert_not_after, rn.previous_cert_serial, rn.connected, rn.created_at, \
+    rn.last_seen_at, rn.revoked_at, \
     (SELECT count(*) FROM runs r WHERE r.runner_id = rn.id AND r.status IN ('leased', 'running')) AS active_runs \
     FROM runners rn";
 
@@ -150,6 +180,7 @@ fn runner_from_row(row: &Row) -> Result<Runner> {
         version: row.get("version"),
         cert_serial: row.get("cert_serial"),
         cert_not_after: row.get("cert_not_after"),
+        previous_cert_serial: row.get("previous_cert_serial"),
         connected: row.get("connected"),
         created_at: row.get("created_at"),
         last_seen_at: row.get("last_seen_at"),
@@ -511,8 +542,8 @@ impl Store for PgStore {
             client
                 .execute(
                     "INSERT INTO runs (id, org_id, workspace_id, workspace, bundle_digest, block, block_version, action, \
-                     parameters, reason, trigger, plan, runner_labels, status) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, 'queued')",
+                     parameters, reason, trigger, plan, runner_labels, status, max_attempts, timeout_secs) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, 'queued', $14, $15)",
                     &[
                         &id,
                         &run.org_id,
@@ -527,6 +558,8 @@ impl Store for PgStore {
                         &run.trigger,
                         &run.plan,
                         &labels_json(&run.runner_labels),
+                        &run.max_attempts,
+                        &run.timeout_secs,
                     ],
                 )
                 .await
@@ -596,13 +629,18 @@ impl Store for PgStore {
     }
 
     async fn claim_run(&self, claim: &Claim) -> Result<Option<Run>> {
+        // The runner's row is share-locked, so a revocation waits for a claim
+        // in flight and then sees its run among the runner's active ones; a
+        // claim after a revocation finds no runner and takes nothing.
         let id: Option<Uuid> = {
             let client = self.client().await?;
             client
                 .query_opt(
-                    "WITH next AS ( \
+                    "WITH runner AS (SELECT id FROM runners WHERE id = $1 AND revoked_at IS NULL FOR SHARE), \
+                     next AS ( \
                        SELECT id FROM runs \
                        WHERE status = 'queued' AND ($2::uuid IS NULL OR org_id = $2) AND $3::jsonb @> runner_labels \
+                         AND EXISTS (SELECT 1 FROM runner) \
                        ORDER BY created_at, id LIMIT 1 FOR UPDATE SKIP LOCKED) \
                      UPDATE runs r SET status = 'leased', runner_id = $1, fencing_token = nextval('fencing_tokens'), \
                        attempt = r.attempt + 1, leased_at = now(), lease_expires_at = $4 \
@@ -617,6 +655,214 @@ impl Store for PgStore {
             Some(id) => self.run_by_id(id).await,
             None => Ok(None),
         }
+    }
+
+    async fn extend_leases(
+        &self,
+        runner_id: Uuid,
+        held: &[(Uuid, i64)],
+        expires_at: DateTime<Utc>,
+    ) -> Result<Vec<(Uuid, i64)>> {
+        if held.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<Uuid> = held.iter().map(|(id, _)| *id).collect();
+        let tokens: Vec<i64> = held.iter().map(|(_, t)| *t).collect();
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "UPDATE runs r SET lease_expires_at = $4 \
+                 FROM UNNEST($2::uuid[], $3::bigint[]) AS h(id, token) \
+                 WHERE r.id = h.id AND r.fencing_token = h.token AND r.runner_id = $1 \
+                   AND r.status IN ('leased', 'running') \
+                 RETURNING r.id, r.fencing_token",
+                &[&runner_id, &ids, &tokens, &expires_at],
+            )
+            .await
+            .map_err(db_err)?;
+        let extended: HashSet<(Uuid, i64)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+        Ok(held
+            .iter()
+            .filter(|held| !extended.contains(held))
+            .copied()
+            .collect())
+    }
+
+    async fn expired_leases(&self, now: DateTime<Utc>, limit: i64) -> Result<Vec<(Uuid, i64)>> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT id, fencing_token FROM runs \
+                 WHERE status IN ('leased', 'running') AND lease_expires_at < $1 \
+                 ORDER BY lease_expires_at LIMIT $2",
+                &[&now, &limit],
+            )
+            .await
+            .map_err(db_err)?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
+    async fn abandon_run(
+        &self,
+        id: Uuid,
+        token: i64,
+        reason: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Option<Run>> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(db_err)?;
+        let n = tx
+            .execute(
+                "UPDATE runs SET \
+                   status = CASE \
+                     WHEN attempt < max_attempts AND cancel_requested_at IS NULL THEN 'queued' \
+                     WHEN timeout_secs IS NOT NULL AND started_at + timeout_secs * interval '1 second' <= $4 THEN 'timed_out' \
+                     ELSE 'lost' END, \
+                   error = CASE \
+                     WHEN attempt < max_attempts AND cancel_requested_at IS NULL \
+                       THEN 'attempt ' || attempt || ': ' || $3 || '; trying again' \
+                     WHEN timeout_secs IS NOT NULL AND started_at + timeout_secs * interval '1 second' <= $4 \
+                       THEN 'timed out after ' || timeout_secs || ' s (' || $3 || ')' \
+                     ELSE $3 END, \
+                   finished_at = CASE WHEN attempt < max_attempts AND cancel_requested_at IS NULL THEN NULL ELSE $4 END, \
+                   log_seq_base = CASE WHEN attempt < max_attempts AND cancel_requested_at IS NULL \
+                     THEN GREATEST(log_acked_seq, (SELECT COALESCE(MAX(seq), 0) FROM run_logs WHERE run_id = $1)) \
+                     ELSE log_seq_base END, \
+                   log_acked_seq = CASE WHEN attempt < max_attempts AND cancel_requested_at IS NULL \
+                     THEN GREATEST(log_acked_seq, (SELECT COALESCE(MAX(seq), 0) FROM run_logs WHERE run_id = $1)) \
+                     ELSE log_acked_seq END, \
+                   runner_id = CASE WHEN attempt < max_attempts AND cancel_requested_at IS NULL THEN NULL ELSE runner_id END, \
+                   started_at = CASE WHEN attempt < max_attempts AND cancel_requested_at IS NULL THEN NULL ELSE started_at END, \
+                   leased_at = CASE WHEN attempt < max_attempts AND cancel_requested_at IS NULL THEN NULL ELSE leased_at END, \
+                   lease_expires_at = NULL \
+                 WHERE id = $1 AND fencing_token = $2 AND status IN ('leased', 'running')",
+                &[&id, &token, &reason, &now],
+            )
+            .await
+            .map_err(db_err)?;
+        if n == 0 {
+            return Ok(None);
+        }
+        let row = tx
+            .query_one(&format!("{RUN_SELECT} WHERE r.id = $1"), &[&id])
+            .await
+            .map_err(db_err)?;
+        tx.commit().await.map_err(db_err)?;
+        run_from_row(&row).map(Some)
+    }
+
+    async fn put_artifacts(
+        &self,
+        id: Uuid,
+        token: i64,
+        files: &[(String, Vec<u8>)],
+    ) -> Result<Fenced> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(db_err)?;
+        let held = tx
+            .query_opt(
+                "SELECT 1 FROM runs WHERE id = $1 AND fencing_token = $2 \
+                 AND status IN ('leased', 'running') FOR UPDATE",
+                &[&id, &token],
+            )
+            .await
+            .map_err(db_err)?;
+        if held.is_none() {
+            return Ok(Fenced::Stale);
+        }
+        for (path, data) in files {
+            tx.execute(
+                "INSERT INTO run_artifacts (run_id, path, size, sha256, data) VALUES ($1, $2, $3, $4, $5) \
+                 ON CONFLICT (run_id, path) DO UPDATE SET size = $3, sha256 = $4, data = $5",
+                &[&id, path, &(data.len() as i64), &sha256_hex(data), data],
+            )
+            .await
+            .map_err(db_err)?;
+        }
+        tx.commit().await.map_err(db_err)?;
+        Ok(Fenced::Applied)
+    }
+
+    async fn artifacts(&self, scope: Scope, id: Uuid) -> Result<Option<Vec<Artifact>>> {
+        if self.run(scope, id).await?.is_none() {
+            return Ok(None);
+        }
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT path, size, sha256 FROM run_artifacts WHERE run_id = $1 ORDER BY path",
+                &[&id],
+            )
+            .await
+            .map_err(db_err)?;
+        Ok(Some(
+            rows.iter()
+                .map(|r| Artifact {
+                    path: r.get(0),
+                    size: r.get(1),
+                    sha256: r.get(2),
+                })
+                .collect(),
+        ))
+    }
+
+    async fn artifact(&self, scope: Scope, id: Uuid, path: &str) -> Result<Option<Vec<u8>>> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt(
+                "SELECT a.data FROM run_artifacts a JOIN runs r ON r.id = a.run_id \
+                 WHERE a.run_id = $1 AND a.path = $2 AND ($3::uuid IS NULL OR r.org_id = $3)",
+                &[&id, &path, &scope.org()],
+            )
+            .await
+            .map_err(db_err)?;
+        Ok(row.map(|r| r.get(0)))
+    }
+
+    async fn cancel_run(
+        &self,
+        scope: Scope,
+        id: Uuid,
+        now: DateTime<Utc>,
+    ) -> Result<Option<CancelOutcome>> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(db_err)?;
+        let row = tx
+            .query_opt(
+                "SELECT status FROM runs WHERE id = $1 AND ($2::uuid IS NULL OR org_id = $2) FOR UPDATE",
+                &[&id, &scope.org()],
+            )
+            .await
+            .map_err(db_err)?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let status: String = row.get(0);
+        let was_queued = status == "queued";
+        tx.execute(
+            "UPDATE runs SET \
+               status = CASE WHEN status = 'queued' THEN 'canceled' ELSE status END, \
+               error = CASE WHEN status = 'queued' THEN 'canceled before it started' ELSE error END, \
+               finished_at = CASE WHEN status = 'queued' THEN $2 ELSE finished_at END, \
+               cancel_requested_at = COALESCE(cancel_requested_at, $2) \
+             WHERE id = $1 AND status IN ('queued', 'leased', 'running')",
+            &[&id, &now],
+        )
+        .await
+        .map_err(db_err)?;
+        let row = tx
+            .query_one(&format!("{RUN_SELECT} WHERE r.id = $1"), &[&id])
+            .await
+            .map_err(db_err)?;
+        tx.commit().await.map_err(db_err)?;
+        let run = run_from_row(&row)?;
+        Ok(Some(if was_queued {
+            CancelOutcome::Canceled(run)
+        } else if run.status.is_final() {
+            CancelOutcome::AlreadyFinal(run)
+        } else {
+            CancelOutcome::Requested(run)
+        }))
     }
 
     async fn release_lease(&self, id: Uuid, token: i64) -> Result<Fenced> {
@@ -658,9 +904,20 @@ impl Store for PgStore {
         let n = client
             .execute(
                 "UPDATE runs SET status = $3, exit_code = $4, error = $5, log_last_seq = $6, finished_at = $7, \
-                   lease_expires_at = NULL \
+                   lease_expires_at = NULL, log_bytes = $8, log_sha256 = $9, log_verified = $10 \
                  WHERE id = $1 AND fencing_token = $2 AND status IN ('leased', 'running')",
-                &[&id, &token, &end.status.as_str(), &end.exit_code, &end.error, &end.last_seq, &end.finished_at],
+                &[
+                    &id,
+                    &token,
+                    &end.status.as_str(),
+                    &end.exit_code,
+                    &end.error,
+                    &end.last_seq,
+                    &end.finished_at,
+                    &end.log_check.as_ref().map(|c| c.bytes),
+                    &end.log_check.as_ref().map(|c| c.sha256.clone()),
+                    &end.log_check.as_ref().map(|c| c.verified),
+                ],
             )
             .await
             .map_err(db_err)?;
@@ -705,17 +962,22 @@ impl Store for PgStore {
             .await
             .map_err(db_err)?;
             // Advance the acknowledgement over whatever is now contiguous,
-            // including chunks that arrived earlier out of order.
-            let rows = tx
-                .query("SELECT seq FROM run_logs WHERE run_id = $1 AND seq > $2 ORDER BY seq LIMIT 100000", &[&id, &acked])
-                .await
-                .map_err(db_err)?;
-            for row in rows {
-                let seq: i64 = row.get(0);
-                if seq != acked + 1 {
-                    break;
-                }
-                acked = seq;
+            // including chunks that arrived earlier out of order. Only a chunk
+            // that fills the first gap can advance it, so a gap that stays
+            // open costs no scan; rows of the contiguous prefix have
+            // `seq - row_number() = acked`.
+            if fresh.iter().any(|c| c.seq == acked + 1) {
+                let row = tx
+                    .query_one(
+                        "SELECT COALESCE(MAX(seq), $2) FROM ( \
+                           SELECT seq, seq - row_number() OVER (ORDER BY seq) AS base \
+                           FROM run_logs WHERE run_id = $1 AND seq > $2) s \
+                         WHERE base = $2",
+                        &[&id, &acked],
+                    )
+                    .await
+                    .map_err(db_err)?;
+                acked = row.get(0);
             }
             tx.execute(
                 "UPDATE runs SET log_acked_seq = $2 WHERE id = $1",
@@ -880,6 +1142,7 @@ impl Store for PgStore {
     async fn runner_connected(
         &self,
         id: Uuid,
+        cert_serial: &str,
         labels: &BTreeMap<String, String>,
         capacity: i32,
         version: &str,
@@ -888,8 +1151,10 @@ impl Store for PgStore {
         let client = self.client().await?;
         client
             .execute(
-                "UPDATE runners SET connected = true, labels = $2, capacity = $3, version = $4, last_seen_at = $5 WHERE id = $1",
-                &[&id, &labels_json(labels), &capacity, &version, &now],
+                "UPDATE runners SET connected = true, labels = $2, capacity = $3, version = $4, last_seen_at = $5, \
+                   previous_cert_serial = CASE WHEN cert_serial = $6 THEN NULL ELSE previous_cert_serial END \
+                 WHERE id = $1",
+                &[&id, &labels_json(labels), &capacity, &version, &now, &cert_serial],
             )
             .await
             .map_err(db_err)?;
@@ -918,5 +1183,69 @@ impl Store for PgStore {
             .await
             .map_err(db_err)?;
         Ok(())
+    }
+
+    async fn revoke_runner(
+        &self,
+        scope: Scope,
+        id: Uuid,
+        now: DateTime<Utc>,
+    ) -> Result<Option<Runner>> {
+        let n = {
+            let client = self.client().await?;
+            client
+                .execute(
+                    "UPDATE runners SET revoked_at = coalesce(revoked_at, $3) \
+                     WHERE id = $1 AND ($2::uuid IS NULL OR org_id = $2)",
+                    &[&id, &scope.org(), &now],
+                )
+                .await
+                .map_err(db_err)?
+        };
+        if n == 0 {
+            return Ok(None);
+        }
+        self.runner(id).await
+    }
+
+    async fn revoked_runners(&self) -> Result<Vec<RevokedRunner>> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT id, cert_serial, previous_cert_serial FROM runners \
+                 WHERE revoked_at IS NOT NULL ORDER BY id",
+                &[],
+            )
+            .await
+            .map_err(db_err)?;
+        Ok(rows
+            .iter()
+            .map(|row| RevokedRunner {
+                id: row.get(0),
+                cert_serials: std::iter::once(row.get::<_, String>(1))
+                    .chain(row.get::<_, Option<String>>(2))
+                    .collect(),
+            })
+            .collect())
+    }
+
+    async fn runner_cert_renewed(
+        &self,
+        id: Uuid,
+        presented_serial: &str,
+        serial: &str,
+        not_after: DateTime<Utc>,
+    ) -> Result<bool> {
+        let client = self.client().await?;
+        let n = client
+            .execute(
+                "UPDATE runners SET previous_cert_serial = $2, cert_serial = $3, cert_not_after = $4 \
+                 WHERE id = $1 AND revoked_at IS NULL \
+                   AND (cert_serial = $2 OR previous_cert_serial = $2)",
+                &[&id, &presented_serial, &serial, &not_after],
+            )
+            .await
+            .map_err(db_err)?;
+        Ok(n == 1)
     }
 }

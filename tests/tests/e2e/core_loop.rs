@@ -43,6 +43,11 @@ async fn example_workspace_runs_in_a_container_over_mtls() -> anyhow::Result<()>
     let run = c.wait_final(&id, RUN_DEADLINE).await?;
     let log = c.log(&id).await?;
     assert_eq!(run["status"], "succeeded", "run: {run}\nlog:\n{log}");
+    assert_eq!(
+        run["log"]["verified"], true,
+        "the stored log matches the runner's byte count and SHA-256: {run}"
+    );
+    assert_eq!(run["log"]["bytes"], log.len(), "{run}");
     assert_eq!(run["exit_code"], 0);
     assert_eq!(run["executor"], "docker");
     assert_eq!(run["image"], "muster/ansible:bookworm");

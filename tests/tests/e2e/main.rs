@@ -1,6 +1,13 @@
 //! End-to-end tests against a real PostgreSQL, the real Docker daemon and
 //! real mTLS, one binary for the whole suite.
 
+mod artifacts;
 mod bad_input;
+mod cancel;
+mod chaos;
 mod core_loop;
+mod dev;
+mod faults;
+mod live;
+mod revocation;
 mod security;

@@ -14,7 +14,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 /// Connects to the gRPC port with `client_cert` (or none) and reports whether
 /// the server accepted the TLS session: an accepted HTTP/2 server speaks
 /// first (its SETTINGS frame); a refused one sends an alert.
-async fn tls_session_accepted(
+pub(crate) async fn tls_session_accepted(
     c: &TestCoordinator,
     client_cert: Option<(String, String)>,
 ) -> anyhow::Result<Result<(), String>> {

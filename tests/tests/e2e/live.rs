@@ -1,0 +1,153 @@
+//! The live log tail as CI follows it: `Accept: text/event-stream` streams
+//! the log as it is written, then an `end` event with the status; a client
+//! that reconnects with `Last-Event-ID` gets the rest, nothing twice.
+
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use muster_tests::{TestCoordinator, TestDb};
+use serde_json::{json, Value};
+
+const LINES: usize = 40;
+
+/// One server-sent event.
+#[derive(Debug)]
+struct Sse {
+    id: Option<String>,
+    event: String,
+    data: Value,
+}
+
+/// Reads events until `end`, noting when each came.
+async fn read_events(
+    c: &TestCoordinator,
+    run_id: &str,
+    last_event_id: Option<&str>,
+) -> anyhow::Result<Vec<(Instant, Sse)>> {
+    let mut req = c
+        .http
+        .get(c.url(&format!("/api/v1/action-runs/{run_id}/logs/")))
+        .bearer_auth(&c.admin_key)
+        .header("Accept", "text/event-stream");
+    if let Some(id) = last_event_id {
+        req = req.header("Last-Event-ID", id);
+    }
+    let response = req.send().await?;
+    anyhow::ensure!(response.status().is_success(), "{}", response.status());
+    let mut body = response.bytes_stream();
+    let mut buffer = String::new();
+    let mut events = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        let Some(bytes) = tokio::time::timeout(Duration::from_secs(30), body.next()).await? else {
+            break;
+        };
+        buffer.push_str(&String::from_utf8_lossy(&bytes?));
+        while let Some(end) = buffer.find("\n\n") {
+            let block: String = buffer.drain(..end + 2).collect();
+            let mut event = Sse {
+                id: None,
+                event: "message".into(),
+                data: Value::Null,
+            };
+            let mut data = String::new();
+            for line in block.lines() {
+                if let Some(v) = line.strip_prefix("id: ") {
+                    event.id = Some(v.to_owned());
+                } else if let Some(v) = line.strip_prefix("event: ") {
+                    event.event = v.to_owned();
+                } else if let Some(v) = line.strip_prefix("data: ") {
+                    data.push_str(v);
+                }
+            }
+            if data.is_empty() {
+                continue; // a keep-alive comment
+            }
+            event.data = serde_json::from_str(&data)?;
+            let done = event.event == "end";
+            events.push((Instant::now(), event));
+            if done {
+                return Ok(events);
+            }
+        }
+    }
+    anyhow::bail!("the stream ended without an end event: {events:?}")
+}
+
+fn text_of(events: &[(Instant, Sse)]) -> String {
+    events
+        .iter()
+        .filter(|(_, e)| e.event == "log")
+        .map(|(_, e)| e.data["data"].as_str().unwrap_or_default())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_log_streams_live_and_resumes_from_last_event_id() -> anyhow::Result<()> {
+    let db = TestDb::create().await?;
+    let c = TestCoordinator::start(&db).await?;
+    let ws = tempfile::tempdir()?;
+    std::fs::create_dir_all(ws.path().join("blocks/jobs"))?;
+    std::fs::write(
+        ws.path().join("workspace.poly"),
+        "name: live\norganization: acme\n",
+    )?;
+    std::fs::write(
+        ws.path().join("blocks/jobs/block.poly"),
+        format!("name: jobs\nactions:\n  - name: count\n    script:\n      - for i in $(seq 1 {LINES}); do echo \"line $i\"; sleep 0.05; done\n      - exit 3\n"),
+    )?;
+    let (status, answer) = c.push_dir(&c.admin_key, ws.path()).await?;
+    assert_eq!(status, 201, "{answer}");
+    let runner = c
+        .start_runner_configured(|r| r.executor = muster_runner::ExecutorChoice::Process)
+        .await?;
+    let run_id = c
+        .trigger("live", json!({"block": "jobs", "action": "count"}))
+        .await?;
+
+    let expected: String = (1..=LINES).map(|i| format!("line {i}\n")).collect();
+    let events = read_events(&c, &run_id, None).await?;
+    let (end_at, end) = events.last().expect("an end event");
+    assert_eq!(end.event, "end");
+    assert_eq!(end.data, json!({"status": "failed", "exit_code": 3}));
+    assert_eq!(text_of(&events), expected, "every line once, in order");
+    let first_at = events[0].0;
+    assert!(
+        end_at.duration_since(first_at) > Duration::from_millis(500),
+        "chunks arrived while the job ran, not all at the end"
+    );
+    let seqs: Vec<u64> = events
+        .iter()
+        .filter_map(|(_, e)| e.id.as_ref()?.parse().ok())
+        .collect();
+    assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "{seqs:?}");
+
+    // Reconnecting after the third event resumes after it.
+    let third = events[2].1.id.clone().expect("log events have ids");
+    let rest = read_events(&c, &run_id, Some(&third)).await?;
+    let before: String = events[..3]
+        .iter()
+        .map(|(_, e)| e.data["data"].as_str().unwrap_or_default())
+        .collect();
+    assert_eq!(
+        format!("{before}{}", text_of(&rest)),
+        expected,
+        "no loss, no duplicate"
+    );
+    assert_eq!(rest.last().map(|(_, e)| e.event.as_str()), Some("end"));
+
+    let (code, _) = c
+        .call(
+            &c.admin_key,
+            reqwest::Method::GET,
+            "/api/v1/action-runs/00000000-0000-0000-0000-000000000000/logs/",
+            None,
+        )
+        .await?;
+    assert_eq!(code, 404);
+
+    runner.stop().await;
+    c.stop().await;
+    db.drop_db().await;
+    Ok(())
+}
