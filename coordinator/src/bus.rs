@@ -7,14 +7,20 @@
 //! Delivery to this process's subscribers goes through a [`Hub`] of
 //! broadcast channels, one per [`Topic`]. A bus implementation decides how
 //! an event reaches the hubs: [`InProcessBus`] hands it straight to its own
-//! hub (one coordinator); a networked bus publishes it to every coordinator,
-//! each of which feeds its own hub.
+//! hub (one coordinator); a networked bus ([`crate::redis_bus`]) publishes
+//! it to every coordinator, each of which feeds its own hub.
+//!
+//! A bus also reports its [health](Bus::health): while events may not reach
+//! every coordinator, dispatchers and live tails look at the store more
+//! often ([`poll_interval`]), so a bus outage costs latency, not runs.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
+use std::time::Duration;
 
 use async_trait::async_trait;
-use tokio::sync::broadcast;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{broadcast, watch};
 use uuid::Uuid;
 
 use crate::store::{LogChunk, RunStatus};
@@ -25,7 +31,8 @@ const RUN_CAPACITY: usize = 1024;
 /// Per-run channels are swept of unsubscribed entries when the map grows past this.
 const SWEEP_AT: usize = 256;
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Event {
     /// A run was queued: dispatchers look for a runner for it.
     RunQueued { run_id: Uuid },
@@ -78,6 +85,23 @@ pub trait Bus: Send + Sync + 'static {
     /// Events of `topic` from now on. A receiver that falls behind gets
     /// `RecvError::Lagged` and must re-read the store.
     fn subscribe(&self, topic: Topic) -> broadcast::Receiver<Event>;
+
+    /// `true` while published events reach every coordinator.
+    fn health(&self) -> watch::Receiver<bool>;
+}
+
+/// How often a reader of the bus looks at the store itself while the bus is
+/// not healthy, whatever its usual interval.
+pub const DEGRADED_POLL: Duration = Duration::from_millis(250);
+
+/// How long to wait for news before looking at the store: `usual` while the
+/// bus is healthy, [`DEGRADED_POLL`] while it is not.
+pub fn poll_interval(usual: Duration, health: &watch::Receiver<bool>) -> Duration {
+    if *health.borrow() {
+        usual
+    } else {
+        usual.min(DEGRADED_POLL)
+    }
 }
 
 /// Publishes `event`; a failure is logged, not returned. Events are hints
@@ -86,7 +110,24 @@ pub trait Bus: Send + Sync + 'static {
 pub async fn announce(bus: &dyn Bus, event: Event) {
     let topic = event.topic();
     if let Err(error) = bus.publish(event).await {
-        tracing::warn!(?topic, %error, "could not publish a run event");
+        // An outage fails every publish: say so every 10 s, not every time.
+        static LAST_WARNING: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |t| t.as_secs());
+        let last = LAST_WARNING.load(std::sync::atomic::Ordering::Relaxed);
+        if now >= last + 10
+            && LAST_WARNING
+                .compare_exchange(
+                    last,
+                    now,
+                    std::sync::atomic::Ordering::Relaxed,
+                    std::sync::atomic::Ordering::Relaxed,
+                )
+                .is_ok()
+        {
+            tracing::warn!(?topic, %error, "could not publish a run event (further failures for 10 s are not logged)");
+        }
     }
 }
 
@@ -148,19 +189,34 @@ impl Hub {
 
     /// How many runs have live subscribers (for tests and metrics).
     pub fn watched_runs(&self) -> usize {
+        self.watched_run_ids().len()
+    }
+
+    /// The runs that have live subscribers.
+    pub fn watched_run_ids(&self) -> Vec<Uuid> {
         self.runs
             .lock()
             .expect("hub lock")
-            .values()
-            .filter(|s| s.receiver_count() > 0)
-            .count()
+            .iter()
+            .filter(|(_, s)| s.receiver_count() > 0)
+            .map(|(id, _)| *id)
+            .collect()
     }
 }
 
 /// The bus of a single coordinator: events never leave the process.
-#[derive(Default)]
 pub struct InProcessBus {
     hub: Hub,
+    health: watch::Sender<bool>,
+}
+
+impl Default for InProcessBus {
+    fn default() -> Self {
+        InProcessBus {
+            hub: Hub::default(),
+            health: watch::channel(true).0,
+        }
+    }
 }
 
 impl InProcessBus {
@@ -178,6 +234,10 @@ impl Bus for InProcessBus {
 
     fn subscribe(&self, topic: Topic) -> broadcast::Receiver<Event> {
         self.hub.subscribe(topic)
+    }
+
+    fn health(&self) -> watch::Receiver<bool> {
+        self.health.subscribe()
     }
 }
 

@@ -64,6 +64,19 @@ pub struct Config {
     #[arg(skip)]
     pub runner_cert_validity: Option<Duration>,
 
+    /// Redis URL (`redis://[user:password@]host[:port][/db]`) of the event
+    /// bus between coordinators that share a database: run wake-ups, cancels
+    /// and live logs reach every coordinator. Without one, events stay in
+    /// this process (one coordinator).
+    #[arg(long, env = "MUSTER_REDIS_URL", hide_env_values = true)]
+    pub redis_url: Option<Secret>,
+
+    /// How often dispatchers and live log tails look at the store for what
+    /// the event bus did not bring, while it is healthy (1 s and 2 s when
+    /// unset). Tests set it long to show that the bus alone carries events.
+    #[arg(skip)]
+    pub healthy_poll: Option<Duration>,
+
     /// Most database connections this coordinator opens.
     #[arg(long, env = "MUSTER_DATABASE_MAX_CONNECTIONS", default_value_t = 16)]
     pub database_max_connections: usize,
@@ -92,6 +105,8 @@ impl Config {
             lease_ttl_secs: 30,
             runner_cert_days: 30,
             runner_cert_validity: None,
+            redis_url: None,
+            healthy_poll: None,
             database_max_connections: 8,
         }
     }
@@ -128,6 +143,15 @@ impl Config {
             .is_some_and(|v| v < Duration::from_secs(1) || v > Duration::from_secs(3650 * 86_400))
         {
             return Err("runner certificate validity: expected 1 second to 3650 days".to_owned());
+        }
+        if let Some(url) = &self.redis_url {
+            let url = url.expose();
+            if !url.starts_with("redis://") {
+                return Err(
+                    "--redis-url: expected a redis:// URL (TLS to Redis is not supported yet)"
+                        .to_owned(),
+                );
+            }
         }
         if self.lease_ttl_secs < 5 {
             return Err(format!(

@@ -20,8 +20,9 @@ use uuid::Uuid;
 use crate::bus::{announce, Bus, Event, Topic};
 use crate::store::{Claim, Fenced, Run, RunStatus, Store};
 
-/// How often the dispatcher looks for work it was not told about.
-const FALLBACK_TICK: Duration = Duration::from_secs(1);
+/// How often the dispatcher looks for work it was not told about while the
+/// bus is healthy (more often while it is not: [`crate::bus::poll_interval`]).
+pub const FALLBACK_TICK: Duration = Duration::from_secs(1);
 
 pub type Outbox = mpsc::Sender<Result<CoordinatorMessage, tonic::Status>>;
 
@@ -51,17 +52,24 @@ pub struct Dispatcher {
     store: Arc<dyn Store>,
     bus: Arc<dyn Bus>,
     lease_ttl: Duration,
+    fallback_tick: Duration,
     runners: Mutex<HashMap<Uuid, Slot>>,
     wake: Notify,
     next_session: std::sync::atomic::AtomicU64,
 }
 
 impl Dispatcher {
-    pub fn new(store: Arc<dyn Store>, bus: Arc<dyn Bus>, lease_ttl: Duration) -> Arc<Self> {
+    pub fn new(
+        store: Arc<dyn Store>,
+        bus: Arc<dyn Bus>,
+        lease_ttl: Duration,
+        fallback_tick: Duration,
+    ) -> Arc<Self> {
         Arc::new(Dispatcher {
             store,
             bus,
             lease_ttl,
+            fallback_tick,
             runners: Mutex::new(HashMap::new()),
             wake: Notify::new(),
             next_session: std::sync::atomic::AtomicU64::new(1),
@@ -184,10 +192,14 @@ impl Dispatcher {
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
         let mut queued = self.bus.subscribe(Topic::Queue);
         let mut control = self.bus.subscribe(Topic::Control);
+        let mut health = self.bus.health();
         loop {
+            let tick = crate::bus::poll_interval(self.fallback_tick, &health);
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = self.wake.notified() => {}
+                // Back from an outage, or into one: what the bus missed is in the store.
+                Ok(()) = health.changed() => {}
                 event = queued.recv() => {
                     if matches!(event, Err(broadcast::error::RecvError::Closed)) {
                         queued = self.bus.subscribe(Topic::Queue);
@@ -205,7 +217,7 @@ impl Dispatcher {
                     }
                     continue;
                 }
-                _ = tokio::time::sleep(FALLBACK_TICK) => {}
+                _ = tokio::time::sleep(tick) => {}
             }
             if let Err(error) = self.dispatch_pass().await {
                 tracing::warn!(%error, "dispatch pass failed");

@@ -31,8 +31,8 @@ use crate::bus::{announce, Bus, Event};
 use crate::dispatch::Dispatcher;
 use crate::revocation::Revocations;
 use crate::store::{
-    Fenced, JoinTokenRefusal, LogCheck, LogChunk, NewRunner, RunEnd, RunStart, RunStatus, Scope,
-    Store,
+    Fenced, JoinTokenRefusal, LeaseRenewal, LogCheck, LogChunk, NewRunner, RunEnd, RunStart,
+    RunStatus, Scope, Store,
 };
 use crate::tls::{Peer, ServerTls, ENROLL_SERVER_NAME};
 
@@ -358,7 +358,6 @@ impl RunnerService for RunnerServiceImpl {
         let held = held_runs(&hello.active);
         let still_running: HashSet<(Uuid, i64)> = held.iter().copied().collect();
         let mut running = HashMap::new();
-        let mut cancel_again = Vec::new();
         for run in self
             .store
             .active_runs_of_runner(runner_id)
@@ -367,9 +366,6 @@ impl RunnerService for RunnerServiceImpl {
         {
             if still_running.contains(&(run.id, run.fencing_token)) {
                 running.insert(run.id, run.fencing_token);
-                if run.cancel_requested_at.is_some() {
-                    cancel_again.push((run.id, run.fencing_token));
-                }
                 continue;
             }
             crate::dispatch::abandon(
@@ -383,27 +379,16 @@ impl RunnerService for RunnerServiceImpl {
             .map_err(store_status)?;
         }
         // A runner back within its lease keeps its runs: their leases run on.
-        let stale = self
+        let renewal = self
             .store
             .extend_leases(runner_id, &held, Utc::now() + self.dispatcher.lease_ttl())
             .await
             .map_err(store_status)?;
 
         let (outbox, rx) = mpsc::channel(256);
-        // Cancels asked for while this runner was away.
-        for (run_id, token) in cancel_again {
-            send_cancel(&outbox, run_id, token);
-        }
-        // Runs it still executes but lost meanwhile (lease expired, retried
-        // elsewhere): it must stop them; what they report is refused anyway.
-        for (run_id, token) in stale {
-            reject(
-                &outbox,
-                &run_id.to_string(),
-                token as u64,
-                "this lease has expired",
-            );
-        }
+        // Cancels asked for while this runner was away, and runs it still
+        // executes but lost meanwhile (lease expired, retried elsewhere).
+        apply_renewal(&outbox, renewal);
         let session = self.dispatcher.connect(
             runner_id,
             runner.org_id,
@@ -674,6 +659,24 @@ fn send(outbox: &crate::dispatch::Outbox, kind: coordinator_message::Kind) {
     let _ = outbox.try_send(Ok(CoordinatorMessage { kind: Some(kind) }));
 }
 
+/// Tells a runner what its lease renewal found: runs to stop because it no
+/// longer holds them (what they report is refused anyway), and runs asked to
+/// cancel, asked again at every heartbeat until they end, so a cancel signal
+/// the event bus lost still arrives.
+fn apply_renewal(outbox: &crate::dispatch::Outbox, renewal: LeaseRenewal) {
+    for (run_id, token) in renewal.cancel {
+        send_cancel(outbox, run_id, token);
+    }
+    for (run_id, token) in renewal.stale {
+        reject(
+            outbox,
+            &run_id.to_string(),
+            token as u64,
+            "this lease has expired",
+        );
+    }
+}
+
 fn send_cancel(outbox: &crate::dispatch::Outbox, run_id: Uuid, token: i64) {
     // Dropped when the outbox is full, as acknowledgements are: the stored
     // request is sent again when the run starts or the runner reconnects.
@@ -779,7 +782,7 @@ async fn handle_message(
             Status::invalid_argument("unexpected message on an open stream"),
         ),
         Some(Kind::Heartbeat(beat)) => {
-            let stale = store
+            let renewal = store
                 .extend_leases(
                     runner_id,
                     &held_runs(&beat.active),
@@ -787,14 +790,7 @@ async fn handle_message(
                 )
                 .await
                 .map_err(store_status)?;
-            for (run_id, token) in stale {
-                reject(
-                    outbox,
-                    &run_id.to_string(),
-                    token as u64,
-                    "this lease has expired",
-                );
-            }
+            apply_renewal(outbox, renewal);
             Ok(())
         }
         Some(Kind::Started(started)) => {

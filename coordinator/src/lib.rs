@@ -12,6 +12,7 @@ pub mod config;
 pub mod dispatch;
 pub mod error;
 pub mod grpc;
+pub mod redis_bus;
 pub mod revocation;
 pub mod store;
 pub mod tail;
@@ -38,6 +39,7 @@ pub struct Coordinator {
     /// What runners pin with `--ca-cert-hash`.
     pub ca_cert_hash: String,
     pub store: Arc<dyn Store>,
+    bus: Arc<dyn bus::Bus>,
     tracker: TaskTracker,
     shutdown: CancellationToken,
 }
@@ -53,6 +55,11 @@ impl Coordinator {
         {
             tracing::warn!("coordinator tasks did not stop within the shutdown deadline");
         }
+    }
+
+    /// Whether the event bus reaches every coordinator (always, without Redis).
+    pub fn bus_health(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.bus.health()
     }
 
     /// The token that stops this coordinator.
@@ -117,7 +124,7 @@ pub async fn start(config: Config) -> anyhow::Result<Coordinator> {
     let store = open_store(&config).await?;
     bootstrap(&*store, &config.data_dir).await?;
 
-    let ca = Arc::new(tls::load_or_create_ca(&config.data_dir)?);
+    let ca = Arc::new(tls::load_or_create_ca(&*store, &config.data_dir).await?);
     let revocations = revocation::Revocations::load(&*store)
         .await
         .context("reading the revoked runners")?;
@@ -129,8 +136,16 @@ pub async fn start(config: Config) -> anyhow::Result<Coordinator> {
 
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
-    let bus: Arc<dyn bus::Bus> = Arc::new(bus::InProcessBus::default());
-    let dispatcher = dispatch::Dispatcher::new(store.clone(), bus.clone(), config.lease_ttl());
+    let bus: Arc<dyn bus::Bus> = match &config.redis_url {
+        Some(url) => redis_bus::RedisBus::start(url, &tracker, shutdown.clone()).await?,
+        None => Arc::new(bus::InProcessBus::default()),
+    };
+    let dispatcher = dispatch::Dispatcher::new(
+        store.clone(),
+        bus.clone(),
+        config.lease_ttl(),
+        config.healthy_poll.unwrap_or(dispatch::FALLBACK_TICK),
+    );
     tracker.spawn(dispatcher.clone().run(shutdown.clone()));
     tracker.spawn(dispatch::expire_leases(
         store.clone(),
@@ -190,10 +205,11 @@ pub async fn start(config: Config) -> anyhow::Result<Coordinator> {
     let http_addr = http_listener.local_addr()?;
     let app = api::router(api::AppState {
         store: store.clone(),
-        bus,
+        bus: bus.clone(),
         ca: ca.clone(),
         revoker,
         max_bundle_bytes: config.max_bundle_bytes(),
+        tail_poll: config.healthy_poll.unwrap_or(tail::POLL_EVERY),
     });
     let http_shutdown = shutdown.clone();
     tracker.spawn(async move {
@@ -210,6 +226,7 @@ pub async fn start(config: Config) -> anyhow::Result<Coordinator> {
         grpc_addr,
         ca_cert_hash: ca.hash(),
         store,
+        bus,
         tracker,
         shutdown,
     })

@@ -14,25 +14,33 @@ use std::time::Duration;
 
 use axum::response::sse::Event as SseEvent;
 use serde_json::json;
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{broadcast, mpsc, watch};
 use uuid::Uuid;
 
 use crate::bus::{Bus, Event, Topic};
 use crate::store::{LogChunk, Scope, Store, StoreError};
 
-/// How long the tail waits for news before it looks at the store itself.
-const POLL_EVERY: Duration = Duration::from_secs(2);
+/// How long the tail waits for news before it looks at the store itself,
+/// while the bus is healthy (see [`crate::bus::poll_interval`]).
+pub const POLL_EVERY: Duration = Duration::from_secs(2);
 const PAGE: i64 = 1000;
 
 pub type Events = tokio_stream::wrappers::ReceiverStream<Result<SseEvent, Infallible>>;
 
 /// Streams run `run_id`'s log after seq `after`; the run must exist.
-pub fn tail(store: Arc<dyn Store>, bus: Arc<dyn Bus>, run_id: Uuid, after: i64) -> Events {
+pub fn tail(
+    store: Arc<dyn Store>,
+    bus: Arc<dyn Bus>,
+    poll: Duration,
+    run_id: Uuid,
+    after: i64,
+) -> Events {
     let (tx, rx) = mpsc::channel(64);
     let subscription = bus.subscribe(Topic::Run(run_id));
+    let health = bus.health();
     tokio::spawn(async move {
         // Ends when the run has ended, the client left, or the store failed (logged).
-        let _ = follow(&*store, subscription, run_id, after, &tx).await;
+        let _ = follow(&*store, subscription, health, poll, run_id, after, &tx).await;
     });
     tokio_stream::wrappers::ReceiverStream::new(rx)
 }
@@ -50,6 +58,8 @@ impl From<StoreError> for Gone {
 async fn follow(
     store: &dyn Store,
     mut bus: broadcast::Receiver<Event>,
+    mut health: watch::Receiver<bool>,
+    poll: Duration,
     run_id: Uuid,
     mut last: i64,
     tx: &mpsc::Sender<Result<SseEvent, Infallible>>,
@@ -66,7 +76,13 @@ async fn follow(
             }
             // Live chunks until the run ends, news stops, or the bus lags.
             loop {
-                match tokio::time::timeout(POLL_EVERY, bus.recv()).await {
+                let wait = crate::bus::poll_interval(poll, &health);
+                let news = tokio::select! {
+                    news = tokio::time::timeout(wait, bus.recv()) => news,
+                    // The bus failed or came back: what it missed is in the store.
+                    Ok(()) = health.changed() => break,
+                };
+                match news {
                     Ok(Ok(Event::Log { chunk, .. })) if chunk.seq == last + 1 => {
                         last = chunk.seq;
                         send(tx, log_event(&chunk)).await?;

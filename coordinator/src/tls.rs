@@ -1,7 +1,8 @@
-//! The coordinator's CA and the gRPC port's TLS: the CA is created in the data
-//! directory at first start (or supplied there by the operator as `ca.pem` and
-//! `ca-key.pem`), and a fresh server certificate is issued from it at every
-//! start.
+//! The coordinator's CA and the gRPC port's TLS: the CA is created at the
+//! first start of the first coordinator on a database and kept in it (or
+//! supplied by the operator as `ca.pem` and `ca-key.pem` in the data
+//! directory of that first start), and a fresh server certificate is issued
+//! from it at every start.
 //!
 //! One port serves two kinds of connection, told apart by the server name the
 //! client asks for: enrollment (`ENROLL_SERVER_NAME`; server-authenticated
@@ -13,34 +14,92 @@ use std::path::Path;
 use std::sync::Arc;
 
 use muster_common::pki::{self, CertificateAuthority, RunnerCert};
-use muster_common::secret::write_private_file;
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
 
 use crate::revocation::{RevocationCheckingVerifier, Revocations};
+use crate::store::Store;
 
 /// The TLS server name a runner asks for when it enrolls.
 pub use muster_common::pki::ENROLL_SERVER_NAME;
 
-pub fn load_or_create_ca(data_dir: &Path) -> anyhow::Result<CertificateAuthority> {
+/// The cluster's CA, shared by every coordinator on the database: the first
+/// to start stores it, the others use that one, so a runner enrolled through
+/// any coordinator is accepted by all. The first start takes the operator's
+/// CA from `<data-dir>/ca.pem` and `ca-key.pem` when both are there, else
+/// generates one. The certificate (public) is written to `<data-dir>/ca.pem`
+/// at every start, for operators to hand out.
+pub async fn load_or_create_ca(
+    store: &dyn Store,
+    data_dir: &Path,
+) -> anyhow::Result<CertificateAuthority> {
     use anyhow::Context;
     let cert_path = data_dir.join("ca.pem");
     let key_path = data_dir.join("ca-key.pem");
-    if cert_path.exists() {
+    let supplied = if key_path.exists() {
         let cert = std::fs::read_to_string(&cert_path)
             .with_context(|| format!("reading {}", cert_path.display()))?;
         let key = std::fs::read_to_string(&key_path)
             .with_context(|| format!("reading {}", key_path.display()))?;
-        return CertificateAuthority::from_pem(&cert, &key)
-            .with_context(|| format!("loading the CA from {}", data_dir.display()));
+        Some(
+            CertificateAuthority::from_pem(&cert, &key)
+                .with_context(|| format!("loading the CA from {}", data_dir.display()))?,
+        )
+    } else {
+        None
+    };
+    let generated = supplied.is_none();
+    let candidate = match &supplied {
+        Some(ca) => StoredCa::of(ca),
+        None => StoredCa::of(&CertificateAuthority::generate("Muster coordinator CA")?),
+    };
+    let stored = store
+        .claim_setting(CA_SETTING, &serde_json::to_string(&candidate)?)
+        .await
+        .context("storing the CA in the database")?;
+    let stored: StoredCa =
+        serde_json::from_str(&stored).context("the CA stored in the database is unreadable")?;
+    let ca = CertificateAuthority::from_pem(&stored.cert, &stored.key)
+        .context("loading the CA stored in the database")?;
+    if let Some(supplied) = supplied {
+        if supplied.hash() != ca.hash() {
+            anyhow::bail!(
+                "{} holds a CA ({}) other than the one this database's coordinators use ({}); \
+                 remove ca.pem and ca-key.pem from the data directory to use the database's",
+                data_dir.display(),
+                supplied.hash(),
+                ca.hash()
+            );
+        }
     }
-    let ca = CertificateAuthority::generate("Muster coordinator CA")?;
-    write_private_file(&key_path, ca.key_pem().as_bytes())
-        .with_context(|| format!("writing {}", key_path.display()))?;
+    if stored == candidate {
+        let origin = if generated {
+            "created"
+        } else {
+            "stored the operator's"
+        };
+        tracing::info!(hash = %ca.hash(), "{origin} CA for this database's coordinators");
+    }
     std::fs::write(&cert_path, ca.cert_pem())
         .with_context(|| format!("writing {}", cert_path.display()))?;
-    tracing::info!(path = %cert_path.display(), hash = %ca.hash(), "created the coordinator CA");
     Ok(ca)
+}
+
+const CA_SETTING: &str = "ca";
+
+#[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+struct StoredCa {
+    cert: String,
+    key: String,
+}
+
+impl StoredCa {
+    fn of(ca: &CertificateAuthority) -> StoredCa {
+        StoredCa {
+            cert: ca.cert_pem().to_owned(),
+            key: ca.key_pem(),
+        }
+    }
 }
 
 /// The two server configurations of the gRPC port.

@@ -1,7 +1,8 @@
 //! How a job's output becomes log chunks, for every executor: bytes of one
-//! stream are gathered and written to the [`LogSink`] at least every
-//! [`FLUSH_EVERY`] or once [`FLUSH_BYTES`] have gathered, and a chunk never
-//! mixes stdout with stderr.
+//! stream are gathered and written to the [`LogSink`] once the job pauses
+//! for [`LINGER`], at least every [`FLUSH_EVERY`], or once [`FLUSH_BYTES`]
+//! have gathered; a chunk never mixes stdout with stderr. So a line printed
+//! alone reaches a live tail at once, and a burst goes out in few chunks.
 
 use std::time::Duration;
 
@@ -13,6 +14,8 @@ use crate::session::{LogSink, Stream};
 
 /// Longest output waits before it is sent.
 pub const FLUSH_EVERY: Duration = Duration::from_millis(100);
+/// How long a pause in the output must be for what came before to be sent.
+pub const LINGER: Duration = Duration::from_millis(5);
 /// Most output gathered into one chunk before it is sent.
 pub const FLUSH_BYTES: usize = 32 * 1024;
 
@@ -25,10 +28,12 @@ where
     // Output not yet sent, and when its first byte came: a steady trickle
     // is still sent every FLUSH_EVERY, not only when the job pauses.
     let mut pending: Option<(Stream, Vec<u8>, Instant)> = None;
+    let mut last_read = Instant::now();
     loop {
         let next = match &pending {
             Some((_, _, since)) => {
-                match tokio::time::timeout_at(*since + FLUSH_EVERY, output.next()).await {
+                let due = (*since + FLUSH_EVERY).min(last_read + LINGER);
+                match tokio::time::timeout_at(due, output.next()).await {
                     Ok(next) => next,
                     Err(_elapsed) => {
                         flush(&mut pending, sink).await;
@@ -42,6 +47,7 @@ where
         if bytes.is_empty() {
             continue;
         }
+        last_read = Instant::now();
         if pending.as_ref().is_some_and(|(s, _, _)| *s != stream) {
             flush(&mut pending, sink).await;
         }
@@ -138,15 +144,38 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_steady_trickle_is_sent_every_flush_interval() {
-        // A byte every 60 ms: waiting for a pause would never send it.
+        // A byte every 3 ms for 300 ms: never a pause of LINGER, so only
+        // FLUSH_EVERY cuts it.
         let chunks = chunks_of(|tx| async move {
-            for _ in 0..10 {
+            for _ in 0..100 {
                 tx.send(item(Stream::Stdout, "x")).await.unwrap();
-                tokio::time::sleep(Duration::from_millis(60)).await;
+                tokio::time::sleep(Duration::from_millis(3)).await;
             }
         })
         .await;
-        assert_eq!(chunks, vec![(LogStream::Stdout, b"xx".to_vec()); 5]);
+        let sizes: Vec<usize> = chunks.iter().map(|(_, d)| d.len()).collect();
+        assert_eq!(sizes.len(), 3, "{sizes:?}");
+        assert_eq!(sizes.iter().sum::<usize>(), 100);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn output_is_sent_when_the_job_pauses() {
+        // Each line followed by a pause goes out alone, long before FLUSH_EVERY.
+        let chunks = chunks_of(|tx| async move {
+            for line in ["one\n", "two\n", "three\n"] {
+                tx.send(item(Stream::Stdout, line)).await.unwrap();
+                tokio::time::sleep(LINGER * 4).await;
+            }
+        })
+        .await;
+        assert_eq!(
+            chunks,
+            [
+                (LogStream::Stdout, b"one\n".to_vec()),
+                (LogStream::Stdout, b"two\n".to_vec()),
+                (LogStream::Stdout, b"three\n".to_vec()),
+            ]
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -111,9 +111,19 @@ impl TestCoordinator {
         db: &TestDb,
         first: &TestCoordinator,
     ) -> anyhow::Result<TestCoordinator> {
+        Self::start_another_with(db, first, |_| {}).await
+    }
+
+    /// Like `start_another`, with its configuration adjusted.
+    pub async fn start_another_with(
+        db: &TestDb,
+        first: &TestCoordinator,
+        adjust: impl FnOnce(&mut muster_coordinator::Config),
+    ) -> anyhow::Result<TestCoordinator> {
         let data_dir = tempfile::tempdir()?;
-        let config =
+        let mut config =
             muster_coordinator::Config::for_tests(Some(&db.url), data_dir.path().to_path_buf());
+        adjust(&mut config);
         let coordinator = muster_coordinator::start(config).await?;
         if data_dir.path().join("admin-api-key").exists() {
             bail!("a second coordinator on a bootstrapped database wrote another admin key");
@@ -258,6 +268,17 @@ impl TestCoordinator {
     /// Stops a runner and starts it again on its data directory, as a
     /// restarted runner process: it connects with the identity stored there.
     pub async fn restart_runner(&self, runner: TestRunner) -> anyhow::Result<TestRunner> {
+        self.take_runner(self, runner).await
+    }
+
+    /// Stops `runner`, connected to `from`, and starts it again on its data
+    /// directory connecting to this coordinator instead, with the identity
+    /// it enrolled with there.
+    pub async fn take_runner(
+        &self,
+        from: &TestCoordinator,
+        runner: TestRunner,
+    ) -> anyhow::Result<TestRunner> {
         let id = runner.runner_id()?;
         runner.shutdown.cancel();
         tokio::time::timeout(Duration::from_secs(15), runner.task)
@@ -267,10 +288,12 @@ impl TestCoordinator {
         wait_until(
             Duration::from_secs(10),
             "the runner to go offline",
-            || async { Ok(!self.runner_online(&id).await?) },
+            || async { Ok(!from.runner_online(&id).await?) },
         )
         .await?;
-        self.spawn_runner(runner.config, runner.data_dir).await
+        let mut config = runner.config;
+        config.coordinator = self.grpc_url();
+        self.spawn_runner(config, runner.data_dir).await
     }
 
     async fn spawn_runner(
@@ -775,5 +798,137 @@ impl CoordinatorProcess {
             &self.args,
         )?;
         self.wait_ready().await
+    }
+}
+
+/// A Redis server of the test's own, on a free loopback port, that the test
+/// may stop and start again (the shared one of the test environment must stay up).
+pub struct RedisServer {
+    child: Option<std::process::Child>,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl RedisServer {
+    pub async fn start() -> anyhow::Result<RedisServer> {
+        let mut server = RedisServer {
+            child: None,
+            port: free_port()?,
+            dir: tempfile::tempdir()?,
+        };
+        server.resume().await?;
+        Ok(server)
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// Kills the server (SIGKILL: connections drop at once, as in a crash).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server (again) on its port, and waits until it answers.
+    pub async fn resume(&mut self) -> anyhow::Result<()> {
+        anyhow::ensure!(self.child.is_none(), "the Redis server runs already");
+        let log = std::fs::File::create(self.dir.path().join("redis.log"))?;
+        let child = std::process::Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
+            .args(["--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting redis-server (installed by scripts/test-env.sh)")?;
+        self.child = Some(child);
+        let addr = format!("127.0.0.1:{}", self.port);
+        wait_until(
+            Duration::from_secs(10),
+            "redis-server to answer",
+            || async { Ok(tokio::net::TcpStream::connect(&addr).await.is_ok()) },
+        )
+        .await
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// One server-sent event of a live log tail.
+#[derive(Debug, Clone)]
+pub struct SseEvent {
+    pub id: Option<String>,
+    pub event: String,
+    pub data: Value,
+}
+
+/// A live log tail (`Accept: text/event-stream`) read event by event.
+pub struct LogTail {
+    body: std::pin::Pin<Box<dyn futures_util::Stream<Item = reqwest::Result<bytes::Bytes>> + Send>>,
+    buffer: String,
+}
+
+impl LogTail {
+    /// Opens the tail of `run_id` on coordinator `c`.
+    pub async fn open(c: &TestCoordinator, run_id: &str) -> anyhow::Result<LogTail> {
+        let response = c
+            .http
+            .get(c.url(&format!("/api/v1/action-runs/{run_id}/logs/")))
+            .bearer_auth(&c.admin_key)
+            .header("Accept", "text/event-stream")
+            .send()
+            .await?;
+        anyhow::ensure!(response.status().is_success(), "{}", response.status());
+        Ok(LogTail {
+            body: Box::pin(response.bytes_stream()),
+            buffer: String::new(),
+        })
+    }
+
+    /// The next event with data, waiting at most `within`; `None` when the
+    /// stream ended.
+    pub async fn next(&mut self, within: Duration) -> anyhow::Result<Option<SseEvent>> {
+        use futures_util::StreamExt;
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            while let Some(end) = self.buffer.find("\n\n") {
+                let block: String = self.buffer.drain(..end + 2).collect();
+                let mut event = SseEvent {
+                    id: None,
+                    event: "message".into(),
+                    data: Value::Null,
+                };
+                let mut data = String::new();
+                for line in block.lines() {
+                    if let Some(v) = line.strip_prefix("id: ") {
+                        event.id = Some(v.to_owned());
+                    } else if let Some(v) = line.strip_prefix("event: ") {
+                        event.event = v.to_owned();
+                    } else if let Some(v) = line.strip_prefix("data: ") {
+                        data.push_str(v);
+                    }
+                }
+                if data.is_empty() {
+                    continue; // a keep-alive comment
+                }
+                event.data = serde_json::from_str(&data)?;
+                return Ok(Some(event));
+            }
+            let Some(bytes) = tokio::time::timeout_at(deadline, self.body.next())
+                .await
+                .with_context(|| format!("no event within {within:?}"))?
+            else {
+                return Ok(None);
+            };
+            self.buffer.push_str(&String::from_utf8_lossy(&bytes?));
+        }
     }
 }

@@ -23,10 +23,10 @@ use chrono::{DateTime, TimeDelta, Utc};
 use muster_coordinator::store::postgres::PgStore;
 use muster_coordinator::store::sqlite::SqliteStore;
 use muster_coordinator::store::{
-    ApiKey, CancelOutcome, Claim, Fenced, Identity, JoinToken, JoinTokenRefusal, LogCheck,
-    LogChunk, NewApiKey, NewApiKeyForBootstrap, NewJoinToken, NewRun, NewRunner, Organization,
-    Page, RevokedRunner, Role, Run, RunEnd, RunFilter, RunStart, RunStatus, Runner, Scope, Store,
-    StoreError, Workspace,
+    ApiKey, CancelOutcome, Claim, Fenced, Identity, JoinToken, JoinTokenRefusal, LeaseRenewal,
+    LogCheck, LogChunk, NewApiKey, NewApiKeyForBootstrap, NewJoinToken, NewRun, NewRunner,
+    Organization, Page, RevokedRunner, Role, Run, RunEnd, RunFilter, RunStart, RunStatus, Runner,
+    Scope, Store, StoreError, Workspace,
 };
 use muster_tests::TestDb;
 use serde_json::json;
@@ -52,6 +52,7 @@ cases![
     identities_created_unique_per_organization,
     bootstrap_happens_once,
     bootstrap_joins_an_existing_organization,
+    cluster_settings_are_claimed_once,
     api_key_authenticates_and_records_use,
     api_key_expired_or_revoked_is_refused,
     api_keys_listed_paginated_and_scoped,
@@ -630,6 +631,34 @@ async fn bootstrap_happens_once(s: Arc<dyn Store>) -> Outcome {
     let orgs = s.list_organizations(Scope::All).await?;
     check_eq("organizations", orgs.len(), 1)?;
     check_eq("keys", s.list_api_keys(Scope::All, all()).await?.0, 1)
+}
+
+async fn cluster_settings_are_claimed_once(s: Arc<dyn Store>) -> Outcome {
+    check_eq(
+        "the first claim stores its value",
+        s.claim_setting("ca", "first").await?,
+        "first".to_owned(),
+    )?;
+    check_eq(
+        "a later claim gets the first value",
+        s.claim_setting("ca", "second").await?,
+        "first".to_owned(),
+    )?;
+    check_eq(
+        "settings are independent",
+        s.claim_setting("other", "x").await?,
+        "x".to_owned(),
+    )?;
+    // Coordinators starting together race for the claim: one value wins for all.
+    let claims = (0..8).map(|i| {
+        let s = s.clone();
+        async move { s.claim_setting("raced", &format!("v{i}")).await }
+    });
+    let values: BTreeSet<String> = futures_util::future::try_join_all(claims)
+        .await?
+        .into_iter()
+        .collect();
+    check_eq("one value wins a race", values.len(), 1)
 }
 
 async fn bootstrap_joins_an_existing_organization(s: Arc<dyn Store>) -> Outcome {
@@ -1737,7 +1766,7 @@ async fn heartbeats_extend_only_the_leases_a_runner_holds(s: Arc<dyn Store>) -> 
     let tb = lease(&s, &r2).await?.fencing_token;
     let until = now() + secs(60);
     let unknown = Uuid::now_v7();
-    let stale = s
+    let renewal = s
         .extend_leases(
             r1.id,
             &[(a.id, ta), (b.id, tb), (a.id, ta + 100), (unknown, 1)],
@@ -1746,9 +1775,10 @@ async fn heartbeats_extend_only_the_leases_a_runner_holds(s: Arc<dyn Store>) -> 
         .await?;
     check_eq(
         "what r1 does not hold is stale",
-        BTreeSet::from_iter(stale),
+        BTreeSet::from_iter(renewal.stale),
         BTreeSet::from([(b.id, tb), (a.id, ta + 100), (unknown, 1)]),
     )?;
+    check_eq("nothing to cancel yet", renewal.cancel, vec![])?;
     check_eq(
         "a's lease runs on",
         get_run(&s, a.id).await?.lease_expires_at,
@@ -1758,10 +1788,19 @@ async fn heartbeats_extend_only_the_leases_a_runner_holds(s: Arc<dyn Store>) -> 
         get_run(&s, b.id).await?.lease_expires_at != Some(until),
         "r1 extended r2's lease"
     );
+    s.cancel_run(Scope::All, a.id, now()).await?;
+    check_eq(
+        "a cancel asked for is asked again at every heartbeat",
+        s.extend_leases(r1.id, &[(a.id, ta)], until).await?,
+        LeaseRenewal {
+            stale: vec![],
+            cancel: vec![(a.id, ta)],
+        },
+    )?;
     check_eq(
         "nothing reported",
         s.extend_leases(r1.id, &[], until).await?,
-        vec![],
+        LeaseRenewal::default(),
     )
 }
 

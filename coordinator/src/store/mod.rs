@@ -319,13 +319,40 @@ pub enum Fenced {
     Stale,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// What a runner's heartbeat learns about the runs it reported.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LeaseRenewal {
+    /// Runs it no longer holds (superseded, ended): it must stop them.
+    pub stale: Vec<(Uuid, i64)>,
+    /// Runs it still holds that were asked to cancel: asked again, so a
+    /// cancel signal the event bus lost still arrives.
+    pub cancel: Vec<(Uuid, i64)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct LogChunk {
     pub seq: i64,
     /// 1 stdout, 2 stderr, 3 system.
     pub stream: i16,
     pub ts: DateTime<Utc>,
+    #[serde(with = "base64_bytes")]
     pub data: Vec<u8>,
+}
+
+/// Bytes as base64 text in serialized forms (the event bus's messages).
+mod base64_bytes {
+    use base64::engine::general_purpose::STANDARD;
+    use base64::Engine;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(bytes: &[u8], serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&STANDARD.encode(bytes))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<u8>, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        STANDARD.decode(text).map_err(serde::de::Error::custom)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -433,6 +460,9 @@ pub trait Store: Send + Sync + 'static {
     /// false when the database was bootstrapped already (by this or another
     /// coordinator).
     async fn bootstrap(&self, admin_key: NewApiKeyForBootstrap) -> Result<bool>;
+    /// The value of cluster-wide setting `name`: `value` if it was unset
+    /// (stored now), else what the first coordinator to claim it stored.
+    async fn claim_setting(&self, name: &str, value: &str) -> Result<String>;
 
     // API keys.
     async fn create_api_key(&self, key: NewApiKey) -> Result<ApiKey>;
@@ -485,14 +515,13 @@ pub trait Store: Send + Sync + 'static {
     async fn logs(&self, id: Uuid, after_seq: i64, limit: i64) -> Result<Vec<LogChunk>>;
     async fn active_runs_of_runner(&self, runner_id: Uuid) -> Result<Vec<Run>>;
     /// Extends the leases of the runs a runner reports executing, as
-    /// `(run, fencing token)`. Returns the reported runs it no longer holds
-    /// (superseded, ended): the runner must stop them.
+    /// `(run, fencing token)`.
     async fn extend_leases(
         &self,
         runner_id: Uuid,
         held: &[(Uuid, i64)],
         expires_at: DateTime<Utc>,
-    ) -> Result<Vec<(Uuid, i64)>>;
+    ) -> Result<LeaseRenewal>;
     /// Leased or running runs whose lease ran out before `now`, oldest
     /// first, as `(run, fencing token)`.
     async fn expired_leases(&self, now: DateTime<Utc>, limit: i64) -> Result<Vec<(Uuid, i64)>>;

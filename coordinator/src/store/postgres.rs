@@ -22,6 +22,10 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (4, include_str!("migrations/postgres/0004_log_check.sql")),
     (5, include_str!("migrations/postgres/0005_artifacts.sql")),
     (6, include_str!("migrations/postgres/0006_revocation.sql")),
+    (
+        7,
+        include_str!("migrations/postgres/0007_cluster_settings.sql"),
+    ),
 ];
 
 /// Serialises schema changes between coordinators starting at once.
@@ -386,6 +390,26 @@ impl Store for PgStore {
         Ok(true)
     }
 
+    async fn claim_setting(&self, name: &str, value: &str) -> Result<String> {
+        let client = self.client().await?;
+        client
+            .execute(
+                "INSERT INTO cluster_settings (name, value) VALUES ($1, $2) \
+                 ON CONFLICT (name) DO NOTHING",
+                &[&name, &value],
+            )
+            .await
+            .map_err(db_err)?;
+        let row = client
+            .query_one(
+                "SELECT value FROM cluster_settings WHERE name = $1",
+                &[&name],
+            )
+            .await
+            .map_err(db_err)?;
+        Ok(row.get(0))
+    }
+
     async fn create_api_key(&self, key: NewApiKey) -> Result<ApiKey> {
         let client = self.client().await?;
         let row = client
@@ -662,9 +686,9 @@ impl Store for PgStore {
         runner_id: Uuid,
         held: &[(Uuid, i64)],
         expires_at: DateTime<Utc>,
-    ) -> Result<Vec<(Uuid, i64)>> {
+    ) -> Result<LeaseRenewal> {
         if held.is_empty() {
-            return Ok(Vec::new());
+            return Ok(LeaseRenewal::default());
         }
         let ids: Vec<Uuid> = held.iter().map(|(id, _)| *id).collect();
         let tokens: Vec<i64> = held.iter().map(|(_, t)| *t).collect();
@@ -675,17 +699,26 @@ impl Store for PgStore {
                  FROM UNNEST($2::uuid[], $3::bigint[]) AS h(id, token) \
                  WHERE r.id = h.id AND r.fencing_token = h.token AND r.runner_id = $1 \
                    AND r.status IN ('leased', 'running') \
-                 RETURNING r.id, r.fencing_token",
+                 RETURNING r.id, r.fencing_token, r.cancel_requested_at IS NOT NULL",
                 &[&runner_id, &ids, &tokens, &expires_at],
             )
             .await
             .map_err(db_err)?;
-        let extended: HashSet<(Uuid, i64)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
-        Ok(held
+        let mut renewal = LeaseRenewal::default();
+        let mut extended = HashSet::new();
+        for row in &rows {
+            let held = (row.get(0), row.get(1));
+            extended.insert(held);
+            if row.get::<_, bool>(2) {
+                renewal.cancel.push(held);
+            }
+        }
+        renewal.stale = held
             .iter()
             .filter(|held| !extended.contains(held))
             .copied()
-            .collect())
+            .collect();
+        Ok(renewal)
     }
 
     async fn expired_leases(&self, now: DateTime<Utc>, limit: i64) -> Result<Vec<(Uuid, i64)>> {

@@ -73,6 +73,10 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (4, include_str!("migrations/sqlite/0004_log_check.sql")),
     (5, include_str!("migrations/sqlite/0005_artifacts.sql")),
     (6, include_str!("migrations/sqlite/0006_revocation.sql")),
+    (
+        7,
+        include_str!("migrations/sqlite/0007_cluster_settings.sql"),
+    ),
 ];
 
 /// Read-only connections; reads beyond this many wait (asynchronously).
@@ -747,6 +751,23 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn claim_setting(&self, name: &str, value: &str) -> Result<String> {
+        let (name, value) = (name.to_owned(), value.to_owned());
+        self.write(move |conn| {
+            conn.execute(
+                "INSERT INTO cluster_settings (name, value, created_at) VALUES (?1, ?2, ?3) \
+                 ON CONFLICT (name) DO NOTHING",
+                params![name, value, now_micros()],
+            )?;
+            Ok(conn.query_row(
+                "SELECT value FROM cluster_settings WHERE name = ?1",
+                [&name],
+                |row| row.get(0),
+            )?)
+        })
+        .await
+    }
+
     async fn create_api_key(&self, key: NewApiKey) -> Result<ApiKey> {
         self.write(move |conn| {
             let id = Uuid::now_v7();
@@ -1092,34 +1113,37 @@ impl Store for SqliteStore {
         runner_id: Uuid,
         held: &[(Uuid, i64)],
         expires_at: DateTime<Utc>,
-    ) -> Result<Vec<(Uuid, i64)>> {
+    ) -> Result<LeaseRenewal> {
         if held.is_empty() {
-            return Ok(Vec::new());
+            return Ok(LeaseRenewal::default());
         }
         let held = held.to_vec();
         self.write(move |conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let mut stale = Vec::new();
+            let mut renewal = LeaseRenewal::default();
             {
                 let mut extend = tx.prepare(
                     "UPDATE runs SET lease_expires_at = ?4 \
                      WHERE id = ?1 AND fencing_token = ?2 AND runner_id = ?3 \
-                       AND status IN ('leased', 'running')",
+                       AND status IN ('leased', 'running') \
+                     RETURNING cancel_requested_at IS NOT NULL",
                 )?;
                 for (id, token) in held {
-                    let n = extend.execute(params![
-                        id_text(id),
-                        token,
-                        id_text(runner_id),
-                        micros(expires_at)
-                    ])?;
-                    if n == 0 {
-                        stale.push((id, token));
+                    let canceled: Option<bool> = extend
+                        .query_row(
+                            params![id_text(id), token, id_text(runner_id), micros(expires_at)],
+                            |row| row.get(0),
+                        )
+                        .optional()?;
+                    match canceled {
+                        None => renewal.stale.push((id, token)),
+                        Some(true) => renewal.cancel.push((id, token)),
+                        Some(false) => {}
                     }
                 }
             }
             tx.commit()?;
-            Ok(stale)
+            Ok(renewal)
         })
         .await
     }

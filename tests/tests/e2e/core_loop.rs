@@ -168,8 +168,8 @@ async fn failing_playbook_fails_with_its_exit_code() -> anyhow::Result<()> {
 async fn two_runners_five_runs_each_executed_exactly_once() -> anyhow::Result<()> {
     let db = TestDb::create().await?;
     let a = TestCoordinator::start(&db).await?;
-    // The second coordinator shares the database but has its own data dir,
-    // so its CA differs; each runner enrolls with the coordinator it uses.
+    // The second coordinator shares the database (and so its CA) but has
+    // its own data dir.
     let b = TestCoordinator::start_another(&db, &a).await?;
     a.push_dir(&a.admin_key, &example_workspace()).await?;
     let runner_a = a.start_runner(1).await?;

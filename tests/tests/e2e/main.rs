@@ -5,6 +5,7 @@ mod artifacts;
 mod bad_input;
 mod cancel;
 mod chaos;
+mod cluster;
 mod core_loop;
 mod dev;
 mod faults;
