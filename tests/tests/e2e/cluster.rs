@@ -16,6 +16,8 @@ use serde_json::{json, Value};
 
 const QUIET: Duration = Duration::from_secs(600);
 const TICKS: usize = 20;
+/// Ticks of the run that Redis goes away and comes back during (15 s).
+const LONG_TICKS: usize = 150;
 const DEADLINE: Duration = Duration::from_secs(30);
 
 async fn cluster(
@@ -42,7 +44,7 @@ async fn cluster(
     std::fs::write(
         ws.path().join("blocks/jobs/block.poly"),
         format!(
-            "name: jobs\nactions:\n  - name: quick\n    script: [\"echo quick\"]\n  - name: ticker\n    script:\n      - for i in $(seq 1 {TICKS}); do echo \"tick $i $(date +%s%3N)\"; sleep 0.1; done\n  - name: sleepy\n    script: [\"echo waiting\", \"sleep 120\"]\n"
+            "name: jobs\nactions:\n  - name: quick\n    script: [\"echo quick\"]\n  - name: ticker\n    script:\n      - for i in $(seq 1 {TICKS}); do echo \"tick $i $(date +%s%3N)\"; sleep 0.1; done\n  - name: long-ticker\n    script:\n      - for i in $(seq 1 {LONG_TICKS}); do echo \"tick $i $(date +%s%3N)\"; sleep 0.1; done\n  - name: sleepy\n    script: [\"echo waiting\", \"sleep 120\"]\n"
         ),
     )?;
     let (status, answer) = b.push_dir(&b.admin_key, ws.path()).await?;
@@ -57,7 +59,10 @@ async fn runner_on_a(
     b: &TestCoordinator,
 ) -> anyhow::Result<muster_tests::TestRunner> {
     let runner = b
-        .start_runner_configured(|r| r.executor = muster_runner::ExecutorChoice::Process)
+        .start_runner_configured(|r| {
+            r.executor = muster_runner::ExecutorChoice::Process;
+            r.capacity = 3;
+        })
         .await?;
     a.take_runner(b, runner).await
 }
@@ -79,7 +84,11 @@ fn millis_now() -> i64 {
 /// Tails a `ticker` run through `c` to its end: checks every tick arrived
 /// once, in order, and returns how long each took from `echo` to the client, in ms.
 async fn tail_ticks(c: &TestCoordinator, run_id: &str) -> anyhow::Result<Vec<i64>> {
-    let mut tail = LogTail::open(c, run_id).await?;
+    read_ticks(LogTail::open(c, run_id).await?, TICKS).await
+}
+
+/// Reads a tail of a run printing `ticks` ticks to its end (see `tail_ticks`).
+async fn read_ticks(mut tail: LogTail, ticks: usize) -> anyhow::Result<Vec<i64>> {
     let mut text = String::new();
     let mut delays = Vec::new();
     loop {
@@ -106,13 +115,13 @@ async fn tail_ticks(c: &TestCoordinator, run_id: &str) -> anyhow::Result<Vec<i64
             _ => {}
         }
     }
-    let ticks: Vec<String> = text
+    let seen: Vec<String> = text
         .lines()
         .filter_map(|line| line.strip_prefix("tick "))
         .map(|rest| rest.split(' ').next().unwrap_or_default().to_owned())
         .collect();
-    let expected: Vec<String> = (1..=TICKS).map(|i| i.to_string()).collect();
-    assert_eq!(ticks, expected, "every tick once, in order:\n{text}");
+    let expected: Vec<String> = (1..=ticks).map(|i| i.to_string()).collect();
+    assert_eq!(seen, expected, "every tick once, in order:\n{text}");
     Ok(delays)
 }
 
@@ -203,6 +212,13 @@ async fn losing_redis_slows_fan_out_but_loses_nothing() -> anyhow::Result<()> {
     let (a, b) = cluster(&db, &redis).await?;
     let runner = runner_on_a(&a, &b).await?;
 
+    // A run, tailed through b, during which Redis goes away and comes back.
+    let long_run = b
+        .trigger("cluster", json!({"block": "jobs", "action": "long-ticker"}))
+        .await?;
+    let long_tail = tokio::spawn(read_ticks(LogTail::open(&b, &long_run).await?, LONG_TICKS));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
     redis.stop();
     wait_health(&a, false).await?;
     wait_health(&b, false).await?;
@@ -214,7 +230,8 @@ async fn losing_redis_slows_fan_out_but_loses_nothing() -> anyhow::Result<()> {
     );
     assert!(ready.text().await?.contains("degraded"));
 
-    // Without Redis: the run still starts on a, and b's tail reads the store.
+    // Without Redis: a run triggered through b still starts on a, and b's
+    // tail reads the store.
     let run_id = b
         .trigger("cluster", json!({"block": "jobs", "action": "ticker"}))
         .await?;
@@ -229,6 +246,14 @@ async fn losing_redis_slows_fan_out_but_loses_nothing() -> anyhow::Result<()> {
     redis.resume().await?;
     wait_health(&a, true).await?;
     wait_health(&b, true).await?;
+    let status = a
+        .admin(
+            reqwest::Method::GET,
+            &format!("/api/v1/action-runs/{long_run}/"),
+            None,
+        )
+        .await?;
+    println!("Redis back while the long run is {}", status["status"]);
     let run_id = b
         .trigger("cluster", json!({"block": "jobs", "action": "ticker"}))
         .await?;
@@ -237,6 +262,14 @@ async fn losing_redis_slows_fan_out_but_loses_nothing() -> anyhow::Result<()> {
         "after Redis returned: log line → tail client of another coordinator median {} ms",
         median(&mut delays)
     );
+
+    // The run that lived through it all: its tail got every line once, and
+    // so did the store.
+    long_tail.await??;
+    let run = a.wait_final(&long_run, DEADLINE).await?;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    let log = a.log(&long_run).await?;
+    assert_eq!(log.matches("tick ").count(), LONG_TICKS, "{log}");
 
     runner.stop().await;
     b.stop().await;
