@@ -86,6 +86,7 @@ pub trait Bus: Send + Sync + 'static {
 pub async fn announce(bus: &dyn Bus, event: Event) {
     let topic = event.topic();
     if let Err(error) = bus.publish(event).await {
+        crate::metrics::BUS_PUBLISH_ERRORS.inc();
         tracing::warn!(?topic, %error, "could not publish a run event");
     }
 }

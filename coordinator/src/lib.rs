@@ -12,6 +12,7 @@ pub mod config;
 pub mod dispatch;
 pub mod error;
 pub mod grpc;
+pub mod metrics;
 pub mod revocation;
 pub mod store;
 pub mod tail;
@@ -130,12 +131,19 @@ pub async fn start(config: Config) -> anyhow::Result<Coordinator> {
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
     let bus: Arc<dyn bus::Bus> = Arc::new(bus::InProcessBus::default());
-    let dispatcher = dispatch::Dispatcher::new(store.clone(), bus.clone(), config.lease_ttl());
+    let metrics = Arc::new(metrics::Metrics::new());
+    let dispatcher = dispatch::Dispatcher::new(
+        store.clone(),
+        bus.clone(),
+        config.lease_ttl(),
+        metrics.clone(),
+    );
     tracker.spawn(dispatcher.clone().run(shutdown.clone()));
     tracker.spawn(dispatch::expire_leases(
         store.clone(),
         bus.clone(),
         config.lease_ttl(),
+        metrics.clone(),
         shutdown.clone(),
     ));
     let revoker = revocation::Revoker {
@@ -194,6 +202,7 @@ pub async fn start(config: Config) -> anyhow::Result<Coordinator> {
         ca: ca.clone(),
         revoker,
         max_bundle_bytes: config.max_bundle_bytes(),
+        metrics,
     });
     let http_shutdown = shutdown.clone();
     tracker.spawn(async move {
