@@ -40,6 +40,7 @@ pub struct AppState {
     pub max_bundle_bytes: u64,
     /// How often live tails read the store while the bus is healthy.
     pub tail_poll: std::time::Duration,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 type ApiResult<T> = Result<T, ServiceError>;
@@ -48,6 +49,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(crate::metrics::serve))
         .route(
             "/api/v1/organizations/",
             get(list_organizations).post(create_organization),
@@ -78,6 +80,10 @@ pub fn router(state: AppState) -> Router {
         })
         // JSON bodies are small; bundles are bounded by `read_bundle`.
         .layer(DefaultBodyLimit::max(1024 * 1024))
+        .layer(axum::middleware::from_fn_with_state(
+            state.metrics.clone(),
+            crate::metrics::track_http,
+        ))
         .with_state(state)
 }
 
@@ -820,6 +826,7 @@ async fn trigger(
             timeout_secs: job.timeout_secs.map(|t| t as i64),
         })
         .await?;
+    state.metrics.run_queued();
     // Were this lost, the dispatchers' fallback tick finds the run a moment later.
     announce(&*state.bus, Event::RunQueued { run_id: run.id }).await;
     tracing::info!(run_id = %run.id, workspace = %run.workspace, block = %run.block, action = %run.action, by = %caller.identity.name, "run queued");
@@ -968,6 +975,7 @@ async fn cancel_run(
     match outcome {
         CancelOutcome::Canceled(run) => {
             tracing::info!(run_id = %run.id, by = %caller.identity.name, "queued run canceled");
+            state.metrics.run_finished(&run);
             let finished = Event::Finished {
                 run_id: run.id,
                 status: run.status,

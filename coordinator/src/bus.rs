@@ -88,6 +88,11 @@ pub trait Bus: Send + Sync + 'static {
 
     /// `true` while published events reach every coordinator.
     fn health(&self) -> watch::Receiver<bool>;
+
+    /// Events that did not reach the other coordinators, since start.
+    fn publish_errors(&self) -> u64 {
+        0
+    }
 }
 
 /// How often a reader of the bus looks at the store itself while the bus is

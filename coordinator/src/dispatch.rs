@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::bus::{announce, Bus, Event, Topic};
+use crate::metrics::Metrics;
 use crate::store::{Claim, Fenced, Run, RunStatus, Store};
 
 /// How often the dispatcher looks for work it was not told about while the
@@ -53,6 +54,7 @@ pub struct Dispatcher {
     bus: Arc<dyn Bus>,
     lease_ttl: Duration,
     fallback_tick: Duration,
+    metrics: Arc<Metrics>,
     runners: Mutex<HashMap<Uuid, Slot>>,
     wake: Notify,
     next_session: std::sync::atomic::AtomicU64,
@@ -64,12 +66,14 @@ impl Dispatcher {
         bus: Arc<dyn Bus>,
         lease_ttl: Duration,
         fallback_tick: Duration,
+        metrics: Arc<Metrics>,
     ) -> Arc<Self> {
         Arc::new(Dispatcher {
             store,
             bus,
             lease_ttl,
             fallback_tick,
+            metrics,
             runners: Mutex::new(HashMap::new()),
             wake: Notify::new(),
             next_session: std::sync::atomic::AtomicU64::new(1),
@@ -79,6 +83,16 @@ impl Dispatcher {
     /// How long a lease lasts without a heartbeat.
     pub fn lease_ttl(&self) -> Duration {
         self.lease_ttl
+    }
+
+    /// This coordinator's metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// How many runners' streams this coordinator holds.
+    pub fn connected_runners(&self) -> usize {
+        self.runners.lock().expect("dispatcher lock").len()
     }
 
     /// Asks for a dispatch pass soon. Wake-ups are never lost: one that comes
@@ -337,6 +351,7 @@ impl Dispatcher {
             None => false,
         };
         if sent {
+            self.metrics.run_leased(run);
             tracing::info!(run_id = %run.id, runner_id = %runner_id, token = run.fencing_token, "leased run");
             return Ok(true);
         }
@@ -366,6 +381,7 @@ pub async fn expire_leases(
     store: Arc<dyn Store>,
     bus: Arc<dyn Bus>,
     lease_ttl: Duration,
+    metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
     let reason = format!(
@@ -385,8 +401,12 @@ pub async fn expire_leases(
             }
         };
         for (run_id, token) in expired {
-            if let Err(error) = abandon(&*store, &*bus, run_id, token, &reason).await {
-                tracing::warn!(run_id = %run_id, %error, "could not end a run whose lease expired");
+            match abandon(&*store, &*bus, &metrics, run_id, token, &reason).await {
+                Ok(true) => metrics.lease_expired(),
+                Ok(false) => {}
+                Err(error) => {
+                    tracing::warn!(run_id = %run_id, %error, "could not end a run whose lease expired")
+                }
             }
         }
     }
@@ -403,25 +423,28 @@ pub(crate) fn cancel_message(run_id: Uuid, fencing_token: i64) -> CoordinatorMes
 
 /// Takes a run from a runner that no longer executes it (see
 /// `Store::abandon_run`) and announces the outcome: queued again for
-/// another attempt, or ended `lost` / `timed_out`.
+/// another attempt, or ended `lost` / `timed_out`. Returns whether `token`
+/// still held the run (else nothing changed).
 pub async fn abandon(
     store: &dyn Store,
     bus: &dyn Bus,
+    metrics: &Metrics,
     run_id: Uuid,
     token: i64,
     reason: &str,
-) -> Result<(), crate::store::StoreError> {
+) -> Result<bool, crate::store::StoreError> {
     let Some(run) = store
         .abandon_run(run_id, token, reason, chrono::Utc::now())
         .await?
     else {
-        return Ok(());
+        return Ok(false);
     };
     if run.status == RunStatus::Queued {
         tracing::warn!(run_id = %run.id, attempt = run.attempt, max_attempts = run.max_attempts, reason, "runner lost; the run is queued for another attempt");
         announce(bus, Event::RunQueued { run_id: run.id }).await;
     } else {
         tracing::warn!(run_id = %run.id, status = run.status.as_str(), reason, "run ended without its runner");
+        metrics.run_finished(&run);
         announce(
             bus,
             Event::Finished {
@@ -432,5 +455,5 @@ pub async fn abandon(
         )
         .await;
     }
-    Ok(())
+    Ok(true)
 }

@@ -371,6 +371,7 @@ impl RunnerService for RunnerServiceImpl {
             crate::dispatch::abandon(
                 &*self.store,
                 &*self.bus,
+                self.dispatcher.metrics(),
                 run.id,
                 run.fencing_token,
                 "the runner restarted and no longer executes this run",
@@ -851,6 +852,7 @@ async fn handle_message(
                 .map_err(store_status)?
             {
                 Ok(acked) => {
+                    dispatcher.metrics().log_stored(stored.data.len());
                     send(
                         outbox,
                         coordinator_message::Kind::LogAck(LogAck {
@@ -914,6 +916,7 @@ async fn finish(
     match outcome {
         Fenced::Applied => {
             tracing::info!(run_id = %run_id, status = status.as_str(), exit_code = ?end.exit_code, "run finished");
+            dispatcher.metrics().run_ended(store, run_id, status).await;
             announce(
                 bus,
                 Event::Finished {

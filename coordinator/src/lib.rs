@@ -12,6 +12,7 @@ pub mod config;
 pub mod dispatch;
 pub mod error;
 pub mod grpc;
+pub mod metrics;
 pub mod redis_bus;
 pub mod revocation;
 pub mod store;
@@ -140,17 +141,20 @@ pub async fn start(config: Config) -> anyhow::Result<Coordinator> {
         Some(url) => redis_bus::RedisBus::start(url, &tracker, shutdown.clone()).await?,
         None => Arc::new(bus::InProcessBus::default()),
     };
+    let metrics = Arc::new(metrics::Metrics::new());
     let dispatcher = dispatch::Dispatcher::new(
         store.clone(),
         bus.clone(),
         config.lease_ttl(),
         config.healthy_poll.unwrap_or(dispatch::FALLBACK_TICK),
+        metrics.clone(),
     );
     tracker.spawn(dispatcher.clone().run(shutdown.clone()));
     tracker.spawn(dispatch::expire_leases(
         store.clone(),
         bus.clone(),
         config.lease_ttl(),
+        metrics.clone(),
         shutdown.clone(),
     ));
     let revoker = revocation::Revoker {
@@ -210,6 +214,7 @@ pub async fn start(config: Config) -> anyhow::Result<Coordinator> {
         revoker,
         max_bundle_bytes: config.max_bundle_bytes(),
         tail_poll: config.healthy_poll.unwrap_or(tail::POLL_EVERY),
+        metrics,
     });
     let http_shutdown = shutdown.clone();
     tracker.spawn(async move {

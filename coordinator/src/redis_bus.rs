@@ -13,7 +13,7 @@
 //! the background with backoff; fan-out resumes without a restart.
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -65,6 +65,8 @@ struct Links {
     publisher: AtomicBool,
     subscriber: AtomicBool,
     health: watch::Sender<bool>,
+    /// Events that did not reach Redis.
+    failed: AtomicU64,
 }
 
 impl Links {
@@ -104,6 +106,7 @@ impl RedisBus {
             publisher: AtomicBool::new(false),
             subscriber: AtomicBool::new(false),
             health: watch::channel(false).0,
+            failed: AtomicU64::new(0),
         });
         let bus = Arc::new(RedisBus {
             hub: Arc::new(Hub::default()),
@@ -148,13 +151,19 @@ impl Bus for RedisBus {
             .map_err(|e| BusError(format!("encoding an event: {e}")))?;
         self.hub.deliver(event);
         if !self.links.publisher.load(Ordering::SeqCst) {
+            self.links.failed.fetch_add(1, Ordering::Relaxed);
             return Err(BusError(
                 "Redis is unreachable: the event reached this coordinator only".into(),
             ));
         }
         self.outbox.try_send((channel, payload)).map_err(|_| {
+            self.links.failed.fetch_add(1, Ordering::Relaxed);
             BusError("Redis falls behind: the event reached this coordinator only".into())
         })
+    }
+
+    fn publish_errors(&self) -> u64 {
+        self.links.failed.load(Ordering::Relaxed)
     }
 
     fn subscribe(&self, topic: Topic) -> broadcast::Receiver<Event> {
@@ -218,8 +227,11 @@ async fn publish_loop(
                     tracing::debug!(%error, "cannot connect to Redis to publish");
                     links.set(&links.publisher, false);
                     // What waited for this connection is dropped: the store has it.
-                    retry = None;
-                    while outbox.try_recv().is_ok() {}
+                    let mut dropped = retry.take().map_or(0, |batch| batch.len());
+                    while outbox.try_recv().is_ok() {
+                        dropped += 1;
+                    }
+                    links.failed.fetch_add(dropped as u64, Ordering::Relaxed);
                     if !pause(backoff, &shutdown).await {
                         return;
                     }
@@ -265,7 +277,11 @@ async fn publish_loop(
             }
             if let Err(error) = pipe.query_async::<()>(&mut connection).await {
                 tracing::debug!(%error, "publishing to Redis failed");
-                if !retried {
+                if retried {
+                    links
+                        .failed
+                        .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                } else {
                     retry = Some(batch);
                 }
                 break;

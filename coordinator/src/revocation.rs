@@ -190,6 +190,7 @@ impl Revoker {
             abandon(
                 &*self.store,
                 &*self.bus,
+                self.dispatcher.metrics(),
                 run.id,
                 run.fencing_token,
                 REVOKED_RUN_ERROR,

@@ -68,6 +68,11 @@ pub struct Config {
         default_value_t = 60
     )]
     pub drain_timeout: u64,
+
+    /// Serve Prometheus metrics at `GET /metrics` on this address
+    /// (`host:port`); not served unless given.
+    #[arg(long, env = "MUSTER_METRICS_ADDR", value_name = "ADDR")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 /// The `--executor` values.
@@ -100,6 +105,7 @@ impl Config {
             name: None,
             executor: ExecutorChoice::Auto,
             drain_timeout: 5,
+            metrics_addr: None,
         }
     }
 
@@ -270,6 +276,18 @@ mod tests {
             err.starts_with("--drain-timeout: 86401 is out of range"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn metrics_addr_is_off_by_default_and_bad_values_are_named() {
+        if std::env::var_os("MUSTER_METRICS_ADDR").is_none() {
+            assert_eq!(parse(&[]).unwrap().metrics_addr, None);
+        }
+        let config = parse(&["--metrics-addr", "127.0.0.1:9464"]).unwrap();
+        assert_eq!(config.metrics_addr, Some(([127, 0, 0, 1], 9464).into()));
+        let err = parse(&["--metrics-addr", "localhost"]).unwrap_err();
+        assert!(err.contains("--metrics-addr"), "{err}");
+        assert!(err.contains("'localhost'"), "{err}");
     }
 
     #[test]

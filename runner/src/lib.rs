@@ -16,6 +16,7 @@ pub mod config;
 pub mod docker;
 pub mod executor;
 pub mod identity;
+pub mod metrics;
 pub mod output;
 pub mod process;
 pub mod session;
@@ -65,6 +66,7 @@ struct Context_ {
 /// spawn it.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     config.validate().map_err(anyhow::Error::msg)?;
+    let metrics_listener = metrics::bind(config.metrics_addr).await?;
     let work_dir = config.data_dir.join("work");
     let leftovers = {
         let work_dir = work_dir.clone();
@@ -104,6 +106,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         channel: std::sync::Mutex::new(None),
         stop_jobs: CancellationToken::new(),
     });
+    let metrics_stop = CancellationToken::new();
+    let _stop_metrics = metrics_stop.clone().drop_guard();
+    if let Some(listener) = metrics_listener {
+        let metrics = ctx.link.metrics().clone();
+        tokio::spawn(metrics::serve(listener, metrics, metrics_stop));
+    }
     let jobs = Arc::new(Jobs::default());
     let (commands, mut command_rx) = mpsc::channel::<Command>(64);
     let spawner = {
@@ -316,6 +324,7 @@ async fn execute(ctx: Arc<Context_>, lease: Lease) {
     let run_id = lease.run_id.clone();
     let token = lease.fencing_token;
     let cancel = ctx.stop_jobs.child_token();
+    let _running = ctx.link.metrics().job_started();
     ctx.link.add_job(&run_id, token, cancel.clone()).await;
     let sink = LogSink::continuing(&run_id, token, lease.log_seq_base, ctx.link.clone());
     tracing::info!(token, attempt = lease.attempt, "lease received");
@@ -411,6 +420,7 @@ async fn execute(ctx: Arc<Context_>, lease: Lease) {
         finished_at_ms: chrono::Utc::now().timestamp_millis(),
     };
     tracing::info!(outcome = ?outcome, exit_code = ?exit_code, "run finished");
+    ctx.link.metrics().job_finished(outcome);
     ctx.link
         .send_finished(
             &run_id,

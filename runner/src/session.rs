@@ -20,6 +20,7 @@ use tokio::sync::{mpsc, Mutex, Notify};
 use tokio_util::sync::CancellationToken;
 
 use crate::identity::IdentityFile;
+use crate::metrics::Metrics;
 
 /// Unacknowledged log bytes one run keeps in memory; past this they go to
 /// its spill file (when the link has a spill directory).
@@ -133,6 +134,7 @@ pub struct Link {
     spill_dir: Option<PathBuf>,
     /// The memory bound per run (tests make it small).
     memory_bound: Option<usize>,
+    metrics: Arc<Metrics>,
 }
 
 #[derive(Default)]
@@ -153,6 +155,11 @@ impl Link {
             memory_bound,
             ..Link::default()
         }
+    }
+
+    /// The runner's metrics, which the link and the jobs on it keep.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     fn memory_bound(&self) -> usize {
@@ -279,7 +286,10 @@ impl Link {
         }
         let spill = job.spill.as_mut()?;
         match spill.append(message, size) {
-            Ok(kept) => Some(kept),
+            Ok(kept) => {
+                self.metrics.log_spilled(size);
+                Some(kept)
+            }
             Err(error) => {
                 tracing::warn!(run_id, %error, "cannot spill unacknowledged log to disk");
                 None
@@ -364,6 +374,7 @@ impl Link {
     pub async fn attach(&self, outbox: mpsc::Sender<RunnerMessage>) {
         let mut state = self.state.lock().await;
         state.outbox = Some(outbox);
+        self.metrics.stream_opened();
         let mut resend = Vec::new();
         for (run_id, job) in state.jobs.iter_mut() {
             resend.extend(job.started.clone());
@@ -390,6 +401,7 @@ impl Link {
 
     async fn detach(&self) {
         self.state.lock().await.outbox = None;
+        self.metrics.stream_closed();
     }
 }
 
@@ -441,6 +453,7 @@ impl LogSink {
             written.seq
         };
         let size = data.len();
+        self.link.metrics.log_sent(size);
         let chunk = LogChunk {
             run_id: self.run_id.clone(),
             fencing_token: self.token,
@@ -592,6 +605,7 @@ pub async fn hold_stream(
             }
             Some(coordinator_message::Kind::Reject(reject)) => {
                 tracing::warn!(run_id = %reject.run_id, reason = %reject.reason, "coordinator refused a message about a run; stopping it");
+                link.metrics.lease_rejected();
                 link.cancel(&reject.run_id, reject.fencing_token).await;
                 link.forget(&reject.run_id).await;
             }
@@ -645,6 +659,13 @@ mod spill_tests {
             file.metadata().unwrap().len() > 80 * 1000,
             "the rest is on disk"
         );
+        let metrics = link.metrics().render().unwrap();
+        for line in [
+            "muster_runner_log_sent_bytes_total 100700",
+            "muster_runner_log_spilled_bytes_total 90630",
+        ] {
+            assert!(metrics.lines().any(|l| l == line), "{line} in\n{metrics}");
+        }
 
         let (tx, mut rx) = mpsc::channel(1000);
         link.attach(tx).await;

@@ -80,6 +80,7 @@ cases![
     cancel_ends_queued_runs_and_records_requests_for_held_ones,
     heartbeats_extend_only_the_leases_a_runner_holds,
     expired_leases_are_found_oldest_first,
+    queued_runs_counts_the_queue_of_every_organization,
     abandoned_runs_end_lost_or_timed_out,
     abandoned_runs_with_attempts_left_are_queued_again,
     artifacts_stored_while_held_and_read_in_scope,
@@ -1802,6 +1803,48 @@ async fn heartbeats_extend_only_the_leases_a_runner_holds(s: Arc<dyn Store>) -> 
         s.extend_leases(r1.id, &[], until).await?,
         LeaseRenewal::default(),
     )
+}
+
+/// The queue depth: runs waiting for a runner, whatever their
+/// organization; leased, running and finished ones are not counted, and a
+/// run given back counts again.
+async fn queued_runs_counts_the_queue_of_every_organization(s: Arc<dyn Store>) -> Outcome {
+    check_eq("an empty store", s.queued_runs().await?, 0)?;
+    let (acme, w) = org_with_workspace(&s, "acme").await?;
+    let (_, other) = org_with_workspace(&s, "beta").await?;
+    let r = runner(&s, None, "r1", &[]).await?;
+    let first = queue(&s, &w).await?;
+    let second = queue(&s, &w).await?;
+    queue(&s, &other).await?;
+    check_eq(
+        "three queued in two organizations",
+        s.queued_runs().await?,
+        3,
+    )?;
+
+    let leased = lease(&s, &r).await?;
+    check_eq("oldest leased", leased.id, first.id)?;
+    check_eq("one leased", s.queued_runs().await?, 2)?;
+    s.mark_running(leased.id, leased.fencing_token, &start(now()))
+        .await?;
+    check_eq("one running", s.queued_runs().await?, 2)?;
+    s.finish_run(
+        leased.id,
+        leased.fencing_token,
+        &end(RunStatus::Succeeded, now()),
+    )
+    .await?;
+    check_eq("one finished", s.queued_runs().await?, 2)?;
+
+    let given_back = lease(&s, &r).await?;
+    check_eq("second leased", given_back.id, second.id)?;
+    check_eq("another leased", s.queued_runs().await?, 1)?;
+    s.release_lease(given_back.id, given_back.fencing_token)
+        .await?;
+    check_eq("a lease given back", s.queued_runs().await?, 2)?;
+
+    s.cancel_run(Scope::Org(acme.id), second.id, now()).await?;
+    check_eq("a queued run canceled", s.queued_runs().await?, 1)
 }
 
 async fn expired_leases_are_found_oldest_first(s: Arc<dyn Store>) -> Outcome {

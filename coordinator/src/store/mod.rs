@@ -525,6 +525,10 @@ pub trait Store: Send + Sync + 'static {
     /// Leased or running runs whose lease ran out before `now`, oldest
     /// first, as `(run, fencing token)`.
     async fn expired_leases(&self, now: DateTime<Utc>, limit: i64) -> Result<Vec<(Uuid, i64)>>;
+    /// How many runs wait in the queue, of every organization. The queue
+    /// depth metric reads it at each scrape, so it holds whichever
+    /// coordinator queued or leased the runs, and across restarts.
+    async fn queued_runs(&self) -> Result<i64>;
     /// Takes a run from a runner that no longer executes it, if `token`
     /// still holds it: queued again when attempts remain (and no cancel was
     /// asked for), its log to continue after what is stored; `timed_out`

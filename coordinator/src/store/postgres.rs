@@ -735,6 +735,15 @@ impl Store for PgStore {
         Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
     }
 
+    async fn queued_runs(&self) -> Result<i64> {
+        let client = self.client().await?;
+        let row = client
+            .query_one("SELECT count(*) FROM runs WHERE status = 'queued'", &[])
+            .await
+            .map_err(db_err)?;
+        Ok(row.get(0))
+    }
+
     async fn abandon_run(
         &self,
         id: Uuid,

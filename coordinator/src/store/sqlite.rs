@@ -1165,6 +1165,17 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn queued_runs(&self) -> Result<i64> {
+        self.read(|conn| {
+            count(
+                conn,
+                "SELECT count(*) FROM runs WHERE status = 'queued'",
+                [],
+            )
+        })
+        .await
+    }
+
     async fn abandon_run(
         &self,
         id: Uuid,

@@ -229,6 +229,11 @@ async fn losing_redis_slows_fan_out_but_loses_nothing() -> anyhow::Result<()> {
         "a bus outage does not make a coordinator unready"
     );
     assert!(ready.text().await?.contains("degraded"));
+    let metrics = b.http.get(b.url("/metrics")).send().await?.text().await?;
+    assert!(
+        metrics.lines().any(|l| l == "muster_bus_healthy 0"),
+        "{metrics}"
+    );
 
     // Without Redis: a run triggered through b still starts on a, and b's
     // tail reads the store.
@@ -241,6 +246,13 @@ async fn losing_redis_slows_fan_out_but_loses_nothing() -> anyhow::Result<()> {
 
     // A cancel through b reaches a's runner at its next heartbeat.
     cancel_a_running_run(&b).await?;
+    let metrics = b.http.get(b.url("/metrics")).send().await?.text().await?;
+    assert!(
+        !metrics
+            .lines()
+            .any(|l| l == "muster_bus_publish_errors_total 0"),
+        "what b published during the outage is counted: {metrics}"
+    );
 
     // Redis is back: fan-out resumes on its own, without a restart.
     redis.resume().await?;

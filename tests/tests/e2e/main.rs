@@ -10,5 +10,6 @@ mod core_loop;
 mod dev;
 mod faults;
 mod live;
+mod metrics;
 mod revocation;
 mod security;
