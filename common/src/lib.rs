@@ -6,6 +6,7 @@
 //! coordinator and runner crates.
 
 pub mod bundle;
+pub mod condition;
 pub mod pki;
 pub mod plan;
 pub mod secret;
