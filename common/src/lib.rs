@@ -7,6 +7,7 @@
 
 pub mod bundle;
 pub mod condition;
+pub mod monitor;
 pub mod pki;
 pub mod plan;
 pub mod secret;
