@@ -99,7 +99,10 @@ async fn the_log_streams_live_and_resumes_from_last_event_id() -> anyhow::Result
     let (status, answer) = c.push_dir(&c.admin_key, ws.path()).await?;
     assert_eq!(status, 201, "{answer}");
     let runner = c
-        .start_runner_configured(|r| r.executor = muster_runner::ExecutorChoice::Process)
+        .start_runner_configured(|r| {
+            r.executor = muster_runner::ExecutorChoice::Process;
+            r.name = Some("live-runner".into());
+        })
         .await?;
     let run_id = c
         .trigger("live", json!({"block": "jobs", "action": "count"}))
@@ -122,12 +125,42 @@ async fn the_log_streams_live_and_resumes_from_last_event_id() -> anyhow::Result
         .collect();
     assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "{seqs:?}");
 
-    // Reconnecting after the third event resumes after it.
-    let third = events[2].1.id.clone().expect("log events have ids");
-    let rest = read_events(&c, &run_id, Some(&third)).await?;
-    let before: String = events[..3]
+    // `status` events (no id) come first and on each change; the one for
+    // `running` names the runner, and it comes before the log it writes.
+    let statuses: Vec<&Value> = events
         .iter()
-        .map(|(_, e)| e.data["data"].as_str().unwrap_or_default())
+        .filter(|(_, e)| e.event == "status")
+        .map(|(_, e)| &e.data)
+        .collect();
+    assert_eq!(events[0].1.event, "status", "{events:?}");
+    assert!(
+        events
+            .iter()
+            .all(|(_, e)| e.event != "status" || e.id.is_none()),
+        "status events carry no id, so Last-Event-ID stays a log seq"
+    );
+    let running = statuses
+        .iter()
+        .position(|s| s["status"] == "running")
+        .unwrap_or_else(|| panic!("no running status: {statuses:?}"));
+    assert_eq!(statuses[running]["runner"], "live-runner", "{statuses:?}");
+    let running_at = events
+        .iter()
+        .position(|(_, e)| e.event == "status" && e.data["status"] == "running");
+    let first_log_at = events.iter().position(|(_, e)| e.event == "log");
+    assert!(running_at < first_log_at, "{events:?}");
+
+    // Reconnecting after the third log event resumes after it.
+    let logs: Vec<&Sse> = events
+        .iter()
+        .map(|(_, e)| e)
+        .filter(|e| e.event == "log")
+        .collect();
+    let third = logs[2].id.clone().expect("log events have ids");
+    let rest = read_events(&c, &run_id, Some(&third)).await?;
+    let before: String = logs[..3]
+        .iter()
+        .map(|e| e.data["data"].as_str().unwrap_or_default())
         .collect();
     assert_eq!(
         format!("{before}{}", text_of(&rest)),
