@@ -152,7 +152,7 @@ enum Command {
         output: Output,
         /// With --wait: on SIGINT or SIGTERM, cancel the remote run without asking
         /// and follow it until it has ended (for CI jobs that get canceled).
-        #[arg(long, env = "MUSTER_CANCEL_ON_INTERRUPT")]
+        #[arg(long, env = "MUSTER_CANCEL_ON_INTERRUPT", value_parser = clap::builder::BoolishValueParser::new())]
         cancel_on_interrupt: bool,
     },
     /// Runs: list, show, logs, cancel.
@@ -210,7 +210,7 @@ enum RunsCommand {
         #[arg(short, long)]
         follow: bool,
         /// With --follow: on SIGINT or SIGTERM, cancel the run without asking.
-        #[arg(long, env = "MUSTER_CANCEL_ON_INTERRUPT")]
+        #[arg(long, env = "MUSTER_CANCEL_ON_INTERRUPT", value_parser = clap::builder::BoolishValueParser::new())]
         cancel_on_interrupt: bool,
     },
     /// Cancels a run: a queued one at once, a running one is stopped by its runner.
