@@ -642,3 +642,38 @@ async fn push(api: &Api, dir: &std::path::Path) -> anyhow::Result<Value> {
     }
     Ok(ws)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_runs_end_maps_to_its_exit_code() {
+        assert_eq!(exit::for_run("succeeded", Some(0)), 0);
+        assert_eq!(exit::for_run("failed", Some(7)), 7);
+        assert_eq!(exit::for_run("failed", None), exit::FAILED);
+        assert_eq!(exit::for_run("failed", Some(0)), exit::FAILED);
+        assert_eq!(exit::for_run("failed", Some(300)), 255);
+        assert_eq!(exit::for_run("failed", Some(-1)), 1);
+        assert_eq!(exit::for_run("timed_out", None), 124);
+        assert_eq!(exit::for_run("lost", None), 125);
+        assert_eq!(exit::for_run("canceled", Some(143)), 130);
+    }
+
+    #[test]
+    fn extra_vars_are_json_when_they_parse_and_bad_ones_are_usage_errors() {
+        let vars = parse_extra_vars(&["n=3".into(), "s=text".into(), "o={\"a\":1}".into()])
+            .expect("valid");
+        assert_eq!(
+            Value::Object(vars),
+            json!({"n": 3, "s": "text", "o": {"a": 1}})
+        );
+        for bad in ["novalue", "=x"] {
+            let error = parse_extra_vars(&[bad.into()]).unwrap_err();
+            assert!(
+                error.downcast_ref::<UsageError>().is_some(),
+                "{bad}: {error}"
+            );
+        }
+    }
+}

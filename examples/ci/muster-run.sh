@@ -252,7 +252,10 @@ while :; do
     [ -s "$tmp/end" ] && break
     status=$(sed -n '1s/^HTTP\/[0-9.]* \([0-9]*\).*/\1/p' "$tmp/headers")
     case $status in
-    2??) failures=0 ;; # the stream broke: resume where it did
+    2??) # the stream broke: resume where it did
+        failures=0
+        sleep 1
+        ;;
     4??) die "$(refused "$status")" "the coordinator answered $status for the log of run $id" ;;
     *)
         failures=$((failures + 1))
