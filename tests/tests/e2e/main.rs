@@ -11,5 +11,6 @@ mod dev;
 mod faults;
 mod live;
 mod metrics;
+mod pipeline;
 mod revocation;
 mod security;
