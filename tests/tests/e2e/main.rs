@@ -9,5 +9,6 @@ mod core_loop;
 mod dev;
 mod faults;
 mod live;
+mod openapi;
 mod revocation;
 mod security;
