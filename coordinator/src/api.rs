@@ -655,7 +655,7 @@ async fn read_bundle(headers: &HeaderMap, body: Body, limit: u64) -> ApiResult<B
     summary = "Push a workspace (workspace admins): create it, or replace its bundle",
     request_body(
         description = "the workspace directory as a gzip'd tar archive (`workspace.poly` at its root)",
-        content((openapi::Bundle = "application/gzip"), (openapi::Bundle = "application/octet-stream")),
+        content((openapi::Binary = "application/gzip"), (openapi::Binary = "application/octet-stream")),
     ),
     responses(
         (status = 201, description = "stored", body = openapi::Workspace),
@@ -1231,7 +1231,7 @@ async fn list_artifacts(
     summary = "One artifact of a run, as stored",
     params(("id" = Uuid, Path, description = "the run's id"), ("path" = String, Path, description = "the artifact's path in the block's artifacts directory; it may hold `/`")),
     responses(
-        (status = 200, description = "the file", body = openapi::Bundle, content_type = "application/octet-stream"),
+        (status = 200, description = "the file", body = openapi::Binary, content_type = "application/octet-stream"),
         (status = 404, description = "no such run, or it has no such artifact", body = openapi::Problem),
     ),
 )]

@@ -8,9 +8,6 @@
 //! handlers build with `json!`, which `response_schema_conformance` in the
 //! schemathesis test (tests/tests/e2e/openapi.rs) holds to what they send.
 
-// The schema types below only describe JSON: they are never built.
-#![allow(dead_code)]
-
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::sync::OnceLock;
@@ -32,7 +29,7 @@ use uuid::Uuid;
 use crate::store::{Role, RunStatus};
 
 /// The security scheme every endpoint but the public ones requires.
-pub(super) const BEARER: &str = "api_key";
+const BEARER: &str = "api_key";
 
 /// The document with what `api::endpoints` does not add: info, the bearer
 /// scheme as the default requirement.
@@ -171,7 +168,7 @@ pub(super) async fn schema() -> Response {
     ([(header::CONTENT_TYPE, "application/json")], document()).into_response()
 }
 
-// ---- schemas of parameters ------------------------------------------------
+// ---- schemas ----------------------------------------------------------------
 
 /// A Polycrate name: a letter first, then letters, digits and `_`, with
 /// single `-`, `/` or `_` between them.
@@ -191,259 +188,267 @@ pub(super) fn retries_schema() -> Object {
         .build()
 }
 
-/// A run's status.
-pub(super) struct RunStatusName;
+pub(super) use shapes::*;
 
-impl PartialSchema for RunStatusName {
-    fn schema() -> RefOr<Schema> {
-        ObjectBuilder::new()
-            .schema_type(Type::String)
-            .enum_values(Some(RunStatus::ALL.map(RunStatus::as_str)))
-            .into()
+/// Types that describe JSON for the document; none is ever built.
+#[allow(dead_code)]
+mod shapes {
+    use super::*;
+
+    /// A run's status.
+    pub(in crate::api) struct RunStatusName;
+
+    impl PartialSchema for RunStatusName {
+        fn schema() -> RefOr<Schema> {
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .enum_values(Some(RunStatus::ALL.map(RunStatus::as_str)))
+                .into()
+        }
     }
-}
 
-impl ToSchema for RunStatusName {
-    fn name() -> Cow<'static, str> {
-        "RunStatus".into()
+    impl ToSchema for RunStatusName {
+        fn name() -> Cow<'static, str> {
+            "RunStatus".into()
+        }
     }
-}
 
-/// An identity's role, lowest first.
-pub(super) struct RoleName;
+    /// An identity's role, lowest first.
+    pub(in crate::api) struct RoleName;
 
-impl PartialSchema for RoleName {
-    fn schema() -> RefOr<Schema> {
-        let roles = [
-            Role::Viewer,
-            Role::User,
-            Role::WorkspaceAdmin,
-            Role::OrgAdmin,
-            Role::SuperAdmin,
-        ];
-        ObjectBuilder::new()
-            .schema_type(Type::String)
-            .enum_values(Some(roles.map(Role::as_str)))
-            .into()
+    impl PartialSchema for RoleName {
+        fn schema() -> RefOr<Schema> {
+            let roles = [
+                Role::Viewer,
+                Role::User,
+                Role::WorkspaceAdmin,
+                Role::OrgAdmin,
+                Role::SuperAdmin,
+            ];
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .enum_values(Some(roles.map(Role::as_str)))
+                .into()
+        }
     }
-}
 
-impl ToSchema for RoleName {
-    fn name() -> Cow<'static, str> {
-        "Role".into()
+    impl ToSchema for RoleName {
+        fn name() -> Cow<'static, str> {
+            "Role".into()
+        }
     }
-}
 
-/// A workspace bundle: a gzip'd tar archive of the workspace directory.
-pub(super) struct Bundle;
+    /// Bytes: a workspace bundle, an artifact.
+    pub(in crate::api) struct Binary;
 
-impl PartialSchema for Bundle {
-    fn schema() -> RefOr<Schema> {
-        ObjectBuilder::new()
-            .schema_type(Type::String)
-            .format(Some(utoipa::openapi::SchemaFormat::KnownFormat(
-                utoipa::openapi::KnownFormat::Binary,
-            )))
-            .into()
+    impl PartialSchema for Binary {
+        fn schema() -> RefOr<Schema> {
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .format(Some(utoipa::openapi::SchemaFormat::KnownFormat(
+                    utoipa::openapi::KnownFormat::Binary,
+                )))
+                .into()
+        }
     }
-}
 
-impl ToSchema for Bundle {}
+    impl ToSchema for Binary {}
 
-// ---- schemas of answers -----------------------------------------------------
+    // ---- answers ----
 
-/// The body of every error answer.
-#[derive(ToSchema)]
-pub(super) struct Problem {
-    /// What was wrong, naming the field or value.
-    detail: String,
-}
+    /// The body of every error answer.
+    #[derive(ToSchema)]
+    pub(in crate::api) struct Problem {
+        /// What was wrong, naming the field or value.
+        detail: String,
+    }
 
-/// One page of a list.
-#[derive(ToSchema)]
-pub(super) struct Paginated<T: ToSchema> {
-    /// How many there are in all.
-    count: i64,
-    /// The next page's URL, null on the last.
-    next: Option<String>,
-    /// The previous page's URL, null on the first.
-    previous: Option<String>,
-    results: Vec<T>,
-}
+    /// One page of a list.
+    #[derive(ToSchema)]
+    pub(in crate::api) struct Paginated<T: ToSchema> {
+        /// How many there are in all.
+        count: i64,
+        /// The next page's URL, null on the last.
+        next: Option<String>,
+        /// The previous page's URL, null on the first.
+        previous: Option<String>,
+        results: Vec<T>,
+    }
 
-#[derive(ToSchema)]
-pub(super) struct Organization {
-    id: Uuid,
-    name: String,
-    created_at: DateTime<Utc>,
-}
+    #[derive(ToSchema)]
+    pub(in crate::api) struct Organization {
+        id: Uuid,
+        name: String,
+        created_at: DateTime<Utc>,
+    }
 
-#[derive(ToSchema)]
-pub(super) struct ApiKey {
-    id: Uuid,
-    name: String,
-    /// The first characters of the key, to recognise it.
-    prefix: String,
-    identity_id: Uuid,
-    created_at: DateTime<Utc>,
-    expires_at: Option<DateTime<Utc>>,
-    last_used_at: Option<DateTime<Utc>>,
-    revoked: bool,
-    revoked_at: Option<DateTime<Utc>>,
-}
+    #[derive(ToSchema)]
+    pub(in crate::api) struct ApiKey {
+        id: Uuid,
+        name: String,
+        /// The first characters of the key, to recognise it.
+        prefix: String,
+        identity_id: Uuid,
+        created_at: DateTime<Utc>,
+        expires_at: Option<DateTime<Utc>>,
+        last_used_at: Option<DateTime<Utc>>,
+        revoked: bool,
+        revoked_at: Option<DateTime<Utc>>,
+    }
 
-/// A new API key: the only answer that holds the key itself.
-#[derive(ToSchema)]
-pub(super) struct CreatedApiKey {
-    #[serde(flatten)]
-    api_key: ApiKey,
-    /// The key, `poly_…`: shown this once, stored only as a hash.
-    key: String,
-    identity: String,
-    organization: String,
-    role: RoleName,
-}
+    /// A new API key: the only answer that holds the key itself.
+    #[derive(ToSchema)]
+    pub(in crate::api) struct CreatedApiKey {
+        #[serde(flatten)]
+        api_key: ApiKey,
+        /// The key, `poly_…`: shown this once, stored only as a hash.
+        key: String,
+        identity: String,
+        organization: String,
+        role: RoleName,
+    }
 
-#[derive(ToSchema)]
-pub(super) struct Workspace {
-    id: Uuid,
-    name: String,
-    organization: String,
-    description: Option<String>,
-    /// `sha256:…` of the canonical bundle.
-    digest: String,
-    blocks: Vec<WorkspaceBlock>,
-    created_at: DateTime<Utc>,
-    updated_at: DateTime<Utc>,
-}
+    #[derive(ToSchema)]
+    pub(in crate::api) struct Workspace {
+        id: Uuid,
+        name: String,
+        organization: String,
+        description: Option<String>,
+        /// `sha256:…` of the canonical bundle.
+        digest: String,
+        blocks: Vec<WorkspaceBlock>,
+        created_at: DateTime<Utc>,
+        updated_at: DateTime<Utc>,
+    }
 
-#[derive(ToSchema)]
-pub(super) struct WorkspaceBlock {
-    name: String,
-    version: Option<String>,
-    kind: Option<String>,
-    /// The block this one was made from.
-    from: Option<String>,
-    actions: Vec<WorkspaceAction>,
-}
+    #[derive(ToSchema)]
+    pub(in crate::api) struct WorkspaceBlock {
+        name: String,
+        version: Option<String>,
+        kind: Option<String>,
+        /// The block this one was made from.
+        from: Option<String>,
+        actions: Vec<WorkspaceAction>,
+    }
 
-#[derive(ToSchema)]
-pub(super) struct WorkspaceAction {
-    name: String,
-    description: Option<String>,
-    kind: ActionKind,
-}
+    #[derive(ToSchema)]
+    pub(in crate::api) struct WorkspaceAction {
+        name: String,
+        description: Option<String>,
+        kind: ActionKind,
+    }
 
-#[derive(ToSchema)]
-#[schema(rename_all = "snake_case")]
-pub(super) enum ActionKind {
-    Playbook,
-    Script,
-}
+    #[derive(ToSchema)]
+    #[schema(rename_all = "snake_case")]
+    pub(in crate::api) enum ActionKind {
+        Playbook,
+        Script,
+    }
 
-/// A run that was queued.
-#[derive(ToSchema)]
-pub(super) struct RunAccepted {
-    id: Uuid,
-    status: RunStatusName,
-    url: String,
-    logs_url: String,
-}
+    /// A run that was queued.
+    #[derive(ToSchema)]
+    pub(in crate::api) struct RunAccepted {
+        id: Uuid,
+        status: RunStatusName,
+        url: String,
+        logs_url: String,
+    }
 
-#[derive(ToSchema)]
-pub(super) struct Run {
-    id: Uuid,
-    url: String,
-    logs_url: String,
-    workspace: String,
-    organization: String,
-    block: String,
-    block_version: Option<String>,
-    action: String,
-    status: RunStatusName,
-    exit_code: Option<i32>,
-    error: Option<String>,
-    reason: Option<String>,
-    /// `extra_vars`, `runner_labels`, `timeout`, `retries` as triggered.
-    parameters: BTreeMap<String, Value>,
-    /// Who triggered the run: API key, user, CI system, user agent.
-    trigger: BTreeMap<String, Value>,
-    /// The runner's name.
-    runner: Option<String>,
-    runner_id: Option<Uuid>,
-    /// `docker` or `process`.
-    executor: Option<String>,
-    image: Option<String>,
-    image_digest: Option<String>,
-    bundle_digest: String,
-    attempt: i32,
-    /// The current lease's fencing token.
-    fencing_token: i64,
-    max_attempts: i32,
-    /// Seconds the run may take once started.
-    timeout: Option<i64>,
-    created_at: DateTime<Utc>,
-    leased_at: Option<DateTime<Utc>>,
-    started_at: Option<DateTime<Utc>>,
-    finished_at: Option<DateTime<Utc>>,
-    cancel_requested_at: Option<DateTime<Utc>>,
-    /// The runner's account of the log once the run ended.
-    log: Option<LogCheck>,
-}
+    #[derive(ToSchema)]
+    pub(in crate::api) struct Run {
+        id: Uuid,
+        url: String,
+        logs_url: String,
+        workspace: String,
+        organization: String,
+        block: String,
+        block_version: Option<String>,
+        action: String,
+        status: RunStatusName,
+        exit_code: Option<i32>,
+        error: Option<String>,
+        reason: Option<String>,
+        /// `extra_vars`, `runner_labels`, `timeout`, `retries` as triggered.
+        parameters: BTreeMap<String, Value>,
+        /// Who triggered the run: API key, user, CI system, user agent.
+        trigger: BTreeMap<String, Value>,
+        /// The runner's name.
+        runner: Option<String>,
+        runner_id: Option<Uuid>,
+        /// `docker` or `process`.
+        executor: Option<String>,
+        image: Option<String>,
+        image_digest: Option<String>,
+        bundle_digest: String,
+        attempt: i32,
+        /// The current lease's fencing token.
+        fencing_token: i64,
+        max_attempts: i32,
+        /// Seconds the run may take once started.
+        timeout: Option<i64>,
+        created_at: DateTime<Utc>,
+        leased_at: Option<DateTime<Utc>>,
+        started_at: Option<DateTime<Utc>>,
+        finished_at: Option<DateTime<Utc>>,
+        cancel_requested_at: Option<DateTime<Utc>>,
+        /// The runner's account of the log once the run ended.
+        log: Option<LogCheck>,
+    }
 
-#[derive(ToSchema)]
-pub(super) struct LogCheck {
-    bytes: i64,
-    sha256: String,
-    /// Whether the stored log matches the runner's byte count and digest.
-    verified: bool,
-}
+    #[derive(ToSchema)]
+    pub(in crate::api) struct LogCheck {
+        bytes: i64,
+        sha256: String,
+        /// Whether the stored log matches the runner's byte count and digest.
+        verified: bool,
+    }
 
-#[derive(ToSchema)]
-pub(super) struct Artifact {
-    /// Relative to the block's artifacts directory.
-    path: String,
-    size: i64,
-    sha256: String,
-    url: String,
-}
+    #[derive(ToSchema)]
+    pub(in crate::api) struct Artifact {
+        /// Relative to the block's artifacts directory.
+        path: String,
+        size: i64,
+        sha256: String,
+        url: String,
+    }
 
-#[derive(ToSchema)]
-pub(super) struct Runner {
-    id: Uuid,
-    name: String,
-    labels: BTreeMap<String, String>,
-    capacity: i32,
-    active_runs: i64,
-    status: RunnerStatus,
-    connected: bool,
-    revoked_at: Option<DateTime<Utc>>,
-    version: String,
-    /// Whether the runner serves every organization.
-    instance_wide: bool,
-    certificate_expires_at: DateTime<Utc>,
-    created_at: DateTime<Utc>,
-    last_seen_at: Option<DateTime<Utc>>,
-}
+    #[derive(ToSchema)]
+    pub(in crate::api) struct Runner {
+        id: Uuid,
+        name: String,
+        labels: BTreeMap<String, String>,
+        capacity: i32,
+        active_runs: i64,
+        status: RunnerStatus,
+        connected: bool,
+        revoked_at: Option<DateTime<Utc>>,
+        version: String,
+        /// Whether the runner serves every organization.
+        instance_wide: bool,
+        certificate_expires_at: DateTime<Utc>,
+        created_at: DateTime<Utc>,
+        last_seen_at: Option<DateTime<Utc>>,
+    }
 
-#[derive(ToSchema)]
-#[schema(rename_all = "snake_case")]
-pub(super) enum RunnerStatus {
-    Online,
-    Offline,
-    Revoked,
-}
+    #[derive(ToSchema)]
+    #[schema(rename_all = "snake_case")]
+    pub(in crate::api) enum RunnerStatus {
+        Online,
+        Offline,
+        Revoked,
+    }
 
-#[derive(ToSchema)]
-pub(super) struct JoinToken {
-    /// Shown this once; the runner presents it to enroll.
-    token: String,
-    /// What the runner pins with `--ca-cert-hash`.
-    ca_cert_hash: String,
-    expires_at: DateTime<Utc>,
-    single_use: bool,
-    /// The organization whose runs the runner takes; null for every one.
-    organization: Option<String>,
+    #[derive(ToSchema)]
+    pub(in crate::api) struct JoinToken {
+        /// Shown this once; the runner presents it to enroll.
+        token: String,
+        /// What the runner pins with `--ca-cert-hash`.
+        ca_cert_hash: String,
+        expires_at: DateTime<Utc>,
+        single_use: bool,
+        /// The organization whose runs the runner takes; null for every one.
+        organization: Option<String>,
+    }
 }
 
 #[cfg(test)]
