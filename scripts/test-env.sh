@@ -2,11 +2,14 @@
 # Sets up, idempotently, everything Muster's test suite needs on this machine,
 # reusing whatever is already there:
 #
-#   - Debian packages: postgresql, redis-server, mmdebstrap
+#   - Debian packages: postgresql, redis-server, mmdebstrap, python3, python3-venv
 #   - PostgreSQL 15 (cluster 15/main) running on 127.0.0.1:5432, with a role
 #     muster/muster (LOGIN, CREATEDB) reachable over TCP with a password
 #   - redis-server answering on 127.0.0.1:6379
 #   - the local container images (deploy/images/build.sh)
+#   - schemathesis, at the versions scripts/schemathesis-requirements.txt pins,
+#     in a virtualenv of its own ($MUSTER_VENV, by default
+#     ~/.cache/muster/venv), made once and reused while that file is unchanged
 #
 # At the end it prints the environment the tests read, as export lines.
 #
@@ -22,7 +25,11 @@ PG_PORT=5432
 REDIS_PORT=6379
 DATABASE_URL="postgres://muster:muster@127.0.0.1:${PG_PORT}/postgres"
 REDIS_URL="redis://127.0.0.1:${REDIS_PORT}/"
-PACKAGES=(postgresql redis-server mmdebstrap)
+PACKAGES=(postgresql redis-server mmdebstrap python3 python3-venv)
+# Debian's python3, the one python3-venv completes, whatever else is on PATH.
+PYTHON=/usr/bin/python3
+VENV=${MUSTER_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/muster/venv}
+REQUIREMENTS=scripts/schemathesis-requirements.txt
 
 print_env=0
 for arg in "$@"; do
@@ -199,6 +206,30 @@ setup() {
         die "cannot reach the Docker daemon (is dockerd running?)"
     deploy/images/build.sh || die "building the container images failed"
 
+    # --- schemathesis ----------------------------------------------------------
+    # The virtualenv records the digest of the requirements it was made
+    # from; another digest, or a virtualenv that no longer runs, is made anew.
+    local want have
+    want=$(sha256sum "$REQUIREMENTS" | cut -d' ' -f1)
+    have=$(cat "$VENV/.muster-requirements" 2>/dev/null || true)
+    if [ "$have" = "$want" ] && "$VENV/bin/st" --version >/dev/null 2>&1; then
+        step "schemathesis present in $VENV"
+    else
+        "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 10))' ||
+            die "schemathesis needs Python 3.10 or later; $PYTHON is $("$PYTHON" --version 2>&1)"
+        step "installing schemathesis into $VENV"
+        rm -rf "$VENV"
+        mkdir -p "$(dirname "$VENV")"
+        run_logged venv "$PYTHON" -m venv "$VENV" ||
+            die "could not create a virtualenv in $VENV"
+        run_logged pip-install "$VENV/bin/pip" install --quiet --disable-pip-version-check \
+            --requirement "$REQUIREMENTS" ||
+            die "could not install schemathesis (from $REQUIREMENTS) into $VENV"
+        "$VENV/bin/st" --version >/dev/null 2>&1 || die "schemathesis in $VENV does not run"
+        printf '%s\n' "$want" >"$VENV/.muster-requirements"
+        step "schemathesis ready: $("$VENV/bin/st" --version)"
+    fi
+
     step "environment ready"
 }
 
@@ -214,3 +245,4 @@ fi
 # --- environment for the tests ---------------------------------------------
 printf 'export MUSTER_TEST_DATABASE_URL=%s\n' "$DATABASE_URL"
 printf 'export MUSTER_TEST_REDIS_URL=%s\n' "$REDIS_URL"
+printf 'export MUSTER_SCHEMATHESIS=%s\n' "$VENV/bin/st"

@@ -10,7 +10,6 @@ use axum::extract::rejection::JsonRejection;
 use axum::extract::{DefaultBodyLimit, OriginalUri, Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use chrono::{DateTime, SecondsFormat, Utc};
 use futures_util::StreamExt;
@@ -21,6 +20,9 @@ use muster_common::token::{self, TokenKind};
 use muster_common::workspace::{self, LoadedWorkspace};
 use serde::Deserialize;
 use serde_json::{json, Value};
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 use uuid::Uuid;
 
 use crate::auth::Caller;
@@ -30,6 +32,8 @@ use crate::store::{
     ApiKey, CancelOutcome, NewApiKey, NewJoinToken, NewRun, Page, Role, Run, RunFilter, RunStatus,
     Runner, Scope, Store, Workspace,
 };
+
+mod openapi;
 
 #[derive(Clone)]
 pub struct AppState {
@@ -46,40 +50,14 @@ pub struct AppState {
 type ApiResult<T> = Result<T, ServiceError>;
 
 pub fn router(state: AppState) -> Router {
-    Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(crate::metrics::serve))
-        .route(
-            "/api/v1/organizations/",
-            get(list_organizations).post(create_organization),
-        )
-        .route("/api/v1/api-keys/", get(list_api_keys).post(create_api_key))
-        .route("/api/v1/api-keys/{id}/", delete(revoke_api_key))
-        .route(
-            "/api/v1/workspaces/",
-            get(list_workspaces).post(push_workspace),
-        )
-        .route("/api/v1/workspaces/{name}/", get(get_workspace))
-        .route("/api/v1/workspaces/{name}/actions", post(trigger))
-        .route("/api/v1/workspaces/{name}/actions/", post(trigger))
-        .route("/api/v1/action-runs/", get(list_runs))
-        .route("/api/v1/action-runs/{id}/", get(get_run))
-        .route("/api/v1/action-runs/{id}/logs/", get(run_logs))
-        .route("/api/v1/action-runs/{id}/cancel/", post(cancel_run))
-        .route("/api/v1/action-runs/{id}/artifacts/", get(list_artifacts))
-        .route(
-            "/api/v1/action-runs/{id}/artifacts/{*path}",
-            get(get_artifact),
-        )
-        .route("/api/v1/runners/", get(list_runners))
-        .route("/api/v1/runners/{id}/", delete(revoke_runner))
-        .route("/api/v1/runners/join-tokens/", post(create_join_token))
+    let (endpoints, _) = endpoints().split_for_parts();
+    endpoints
         .fallback(|| async {
             ServiceError::not_found("no such endpoint; the API lives under /api/v1/")
         })
         // JSON bodies are small; bundles are bounded by `read_bundle`.
         .layer(DefaultBodyLimit::max(1024 * 1024))
+        .layer(axum::middleware::map_response(crate::error::json_refusals))
         .layer(axum::middleware::from_fn_with_state(
             state.metrics.clone(),
             crate::metrics::track_http,
@@ -87,6 +65,63 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// Every endpoint, each registered together with the OpenAPI description on
+/// its handler (`#[utoipa::path]`, which names its path and method): the
+/// router serves these and nothing else, and `/api/v1/schema/` documents
+/// these. Add endpoints here, never with `Router::route`, so that none goes
+/// undocumented.
+fn endpoints() -> OpenApiRouter<AppState> {
+    OpenApiRouter::with_openapi(openapi::base())
+        .routes(routes!(healthz))
+        .routes(routes!(readyz))
+        .routes(routes!(crate::metrics::serve))
+        .routes(routes!(openapi::schema))
+        .routes(routes!(list_organizations, create_organization))
+        .routes(routes!(list_api_keys, create_api_key))
+        .routes(routes!(revoke_api_key))
+        .routes(routes!(list_workspaces, push_workspace))
+        .routes(routes!(get_workspace))
+        .routes(routes!(trigger))
+        .routes(routes!(trigger_with_slash))
+        .routes(routes!(list_runs))
+        .routes(routes!(get_run))
+        .routes(routes!(run_logs))
+        .routes(routes!(cancel_run))
+        .routes(routes!(list_artifacts))
+        .routes(routes!(get_artifact))
+        .routes(routes!(list_runners))
+        .routes(routes!(revoke_runner))
+        .routes(routes!(create_join_token))
+}
+
+/// The OpenAPI document of the API, as `/api/v1/schema/` serves it.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    openapi::finish(endpoints().into_openapi())
+}
+
+/// The process serves HTTP.
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "meta",
+    security(()),
+    responses((status = 200, description = "alive", body = String, content_type = "text/plain")),
+)]
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+/// The coordinator can reach its database.
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "meta",
+    security(()),
+    responses(
+        (status = 200, description = "ready (the body says when the event bus is degraded)", body = String, content_type = "text/plain"),
+        (status = 503, description = "the database is unreachable", body = String, content_type = "text/plain"),
+    ),
+)]
 async fn readyz(State(state): State<AppState>) -> Response {
     match state
         .store
@@ -118,9 +153,14 @@ fn opt_time(t: Option<DateTime<Utc>>) -> Value {
     t.map(|t| Value::String(time(t))).unwrap_or(Value::Null)
 }
 
-fn json_body<T>(body: Result<Json<T>, JsonRejection>) -> ApiResult<T> {
+fn json_body<T: serde::Serialize>(body: Result<Json<T>, JsonRejection>) -> ApiResult<T> {
     match body {
-        Ok(Json(v)) => Ok(v),
+        Ok(Json(v)) => {
+            let value = serde_json::to_value(&v)
+                .map_err(|e| ServiceError::new(Code::Internal, e.to_string()))?;
+            no_nul_in_json("", &value)?;
+            Ok(v)
+        }
         Err(rejection) => {
             let code = if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
                 Code::TooLarge
@@ -135,9 +175,48 @@ fn json_body<T>(body: Result<Json<T>, JsonRejection>) -> ApiResult<T> {
     }
 }
 
-#[derive(Debug, Deserialize)]
+/// Refuses text holding a NUL character, naming the field: PostgreSQL
+/// cannot store or compare it, and no name or path holds one.
+fn no_nul(field: &str, value: &str) -> ApiResult<()> {
+    if value.contains('\0') {
+        return Err(ServiceError::bad_request(format!(
+            "{field}: contains a NUL character (\\u0000), which no text here may hold"
+        )));
+    }
+    Ok(())
+}
+
+/// `no_nul` over every key and string of a JSON body; `at` is the path so far.
+fn no_nul_in_json(at: &str, value: &Value) -> ApiResult<()> {
+    let field = |key: &str| {
+        if at.is_empty() {
+            key.to_owned()
+        } else {
+            format!("{at}.{key}")
+        }
+    };
+    match value {
+        Value::String(s) => no_nul(if at.is_empty() { "body" } else { at }, s),
+        Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .try_for_each(|(i, v)| no_nul_in_json(&format!("{at}[{i}]"), v)),
+        Value::Object(map) => map.iter().try_for_each(|(k, v)| {
+            no_nul(&field("(a key)"), k)?;
+            no_nul_in_json(&field(k), v)
+        }),
+        _ => Ok(()),
+    }
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct PageQuery {
+    /// The page, from 1.
+    #[param(value_type = Option<u32>, minimum = 1, maximum = 4294967)]
     page: Option<String>,
+    /// Results per page; 50 unless given.
+    #[param(value_type = Option<u32>, minimum = 1, maximum = 500)]
     page_size: Option<String>,
 }
 
@@ -213,12 +292,27 @@ fn organization_json(o: &crate::store::Organization) -> Value {
     json!({ "id": o.id, "name": o.name, "created_at": time(o.created_at) })
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct NewOrganization {
+    #[schema(schema_with = openapi::name_schema)]
     name: String,
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/v1/organizations/",
+    tag = "organizations",
+    summary = "Create an organization (super admins)",
+    request_body = NewOrganization,
+    responses(
+        (status = 201, description = "created", body = openapi::Organization),
+        (status = 400, description = "the body is not a valid organization", body = openapi::Problem),
+        (status = 403, description = "only super admins create organizations", body = openapi::Problem),
+        (status = 409, description = "an organization of that name exists", body = openapi::Problem),
+        (status = 413, description = "the body is larger than 1 MiB", body = openapi::Problem),
+    ),
+)]
 async fn create_organization(
     State(state): State<AppState>,
     caller: Caller,
@@ -246,6 +340,13 @@ async fn create_organization(
     Ok((StatusCode::CREATED, Json(organization_json(&org))))
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/organizations/",
+    tag = "organizations",
+    summary = "The organizations the caller sees (all of them for super admins)",
+    responses((status = 200, description = "the organizations, on one page", body = openapi::Paginated<openapi::Organization>)),
+)]
 async fn list_organizations(
     State(state): State<AppState>,
     caller: Caller,
@@ -273,19 +374,41 @@ fn api_key_json(k: &ApiKey) -> Value {
     })
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct NewApiKeyBody {
+    /// What the key is for.
+    #[schema(min_length = 1, max_length = 128)]
     name: String,
+    /// When the key stops working; never unless given.
     expires_at: Option<DateTime<Utc>>,
     /// Create the key for a new service identity of this name (with `role`)
     /// instead of for the caller.
     identity: Option<String>,
+    /// The new identity's role, at most the caller's; `user` unless given.
+    #[schema(value_type = Option<openapi::RoleName>)]
     role: Option<String>,
     /// Super admins only: the organization of the new identity.
     organization: Option<String>,
 }
 
+/// Create an API key, for the caller or for a new service identity
+///
+/// The answer holds the key itself, this once.
+#[utoipa::path(
+    post,
+    path = "/api/v1/api-keys/",
+    tag = "api-keys",
+    request_body = NewApiKeyBody,
+    responses(
+        (status = 201, description = "created", body = openapi::CreatedApiKey),
+        (status = 400, description = "a field is not valid", body = openapi::Problem),
+        (status = 403, description = "the caller's role may not create that identity", body = openapi::Problem),
+        (status = 409, description = "an identity of that name exists", body = openapi::Problem),
+        (status = 413, description = "the body is larger than 1 MiB", body = openapi::Problem),
+        (status = 422, description = "the organization does not exist", body = openapi::Problem),
+    ),
+)]
 async fn create_api_key(
     State(state): State<AppState>,
     caller: Caller,
@@ -378,6 +501,18 @@ async fn create_api_key(
     Ok((StatusCode::CREATED, Json(out)))
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/api-keys/",
+    tag = "api-keys",
+    summary = "The API keys of the caller's organization (org admins; all for super admins)",
+    params(PageQuery),
+    responses(
+        (status = 200, description = "one page of API keys", body = openapi::Paginated<openapi::ApiKey>),
+        (status = 400, description = "page or page_size is not valid", body = openapi::Problem),
+        (status = 403, description = "only org admins list API keys", body = openapi::Problem),
+    ),
+)]
 async fn list_api_keys(
     State(state): State<AppState>,
     caller: Caller,
@@ -397,6 +532,18 @@ async fn list_api_keys(
     )))
 }
 
+#[utoipa::path(
+    delete,
+    path = "/api/v1/api-keys/{id}/",
+    tag = "api-keys",
+    summary = "Revoke an API key: anyone their own, org admins any of their organization",
+    params(("id" = Uuid, Path, description = "the API key's id")),
+    responses(
+        (status = 204, description = "revoked"),
+        (status = 403, description = "only org admins revoke other keys", body = openapi::Problem),
+        (status = 404, description = "no such API key", body = openapi::Problem),
+    ),
+)]
 async fn revoke_api_key(
     State(state): State<AppState>,
     caller: Caller,
@@ -515,6 +662,23 @@ async fn read_bundle(headers: &HeaderMap, body: Body, limit: u64) -> ApiResult<B
     Ok(Bytes::from(buffer))
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/v1/workspaces/",
+    tag = "workspaces",
+    summary = "Push a workspace (workspace admins): create it, or replace its bundle",
+    request_body(
+        description = "the workspace directory as a gzip'd tar archive (`workspace.poly` at its root)",
+        content((openapi::Binary = "application/gzip"), (openapi::Binary = "application/octet-stream")),
+    ),
+    responses(
+        (status = 201, description = "stored", body = openapi::Workspace),
+        (status = 400, description = "the body is empty, or not a safe gzip'd tar archive", body = openapi::Problem),
+        (status = 403, description = "only workspace admins push workspaces", body = openapi::Problem),
+        (status = 413, description = "the bundle is larger than the coordinator's limit", body = openapi::Problem),
+        (status = 422, description = "the workspace does not load (the error names the file, line and key), or belongs to another organization", body = openapi::Problem),
+    ),
+)]
 async fn push_workspace(
     State(state): State<AppState>,
     caller: Caller,
@@ -572,6 +736,17 @@ async fn push_workspace(
     Ok((StatusCode::CREATED, Json(workspace_json(&ws, &loaded))))
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/workspaces/",
+    tag = "workspaces",
+    summary = "The workspaces the caller sees",
+    params(PageQuery),
+    responses(
+        (status = 200, description = "one page of workspaces", body = openapi::Paginated<openapi::Workspace>),
+        (status = 400, description = "page or page_size is not valid", body = openapi::Problem),
+    ),
+)]
 async fn list_workspaces(
     State(state): State<AppState>,
     caller: Caller,
@@ -588,8 +763,10 @@ async fn list_workspaces(
     Ok(Json(paginated(&uri, &headers, page, count, results)))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct OrgQuery {
+    /// The workspace's organization, where several have one of that name.
     organization: Option<String>,
 }
 
@@ -601,6 +778,7 @@ async fn find_workspace(
     name: &str,
     org: Option<&str>,
 ) -> ApiResult<Workspace> {
+    no_nul("name", name)?;
     let mut found = state.store.workspaces_named(caller.scope(), name).await?;
     if let Some(org) = org {
         found.retain(|w| w.organization == org);
@@ -622,6 +800,18 @@ async fn find_workspace(
     }
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/workspaces/{name}/",
+    tag = "workspaces",
+    summary = "A workspace with its blocks and their actions",
+    params(("name" = String, Path, description = "the workspace's name"), OrgQuery),
+    responses(
+        (status = 200, description = "the workspace", body = openapi::Workspace),
+        (status = 404, description = "no such workspace the caller may see", body = openapi::Problem),
+        (status = 409, description = "workspaces of that name exist in several organizations: add ?organization=", body = openapi::Problem),
+    ),
+)]
 async fn get_workspace(
     State(state): State<AppState>,
     caller: Caller,
@@ -635,18 +825,24 @@ async fn get_workspace(
 
 // ---- runs ---------------------------------------------------------------
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema, serde::Serialize)]
 pub struct TriggerBody {
+    /// The block, as the workspace names it.
     block: String,
+    /// The block's action.
     action: String,
+    /// Why the run was triggered.
+    #[schema(max_length = 4096)]
     reason: Option<String>,
     #[serde(default)]
     parameters: TriggerParameters,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, ToSchema, serde::Serialize)]
 pub struct TriggerParameters {
+    /// Variables for the action, as top-level Ansible variables.
     #[serde(default)]
+    #[schema(value_type = Option<Object>)]
     extra_vars: Option<Value>,
     /// Only runners carrying all these labels may take the run.
     #[serde(default)]
@@ -656,9 +852,11 @@ pub struct TriggerParameters {
     ci: Option<String>,
     /// Seconds the run may take once started; overrides the action's `timeout:`.
     #[serde(default)]
+    #[schema(value_type = Option<u64>, minimum = 1, maximum = 604800)]
     timeout: Option<Value>,
     /// Further attempts when the runner is lost; overrides the action's `retries:`.
     #[serde(default)]
+    #[schema(schema_with = openapi::retries_schema)]
     retries: Option<Value>,
 }
 
@@ -742,6 +940,26 @@ pub fn run_json(base: &str, run: &Run) -> Value {
     })
 }
 
+/// Trigger an action of a block: queue a run
+///
+/// Checks that the workspace exists and defines the block and action, and
+/// resolves what the run needs.
+#[utoipa::path(
+    post,
+    path = "/api/v1/workspaces/{name}/actions",
+    tag = "runs",
+    params(("name" = String, Path, description = "the workspace's name"), OrgQuery),
+    request_body = TriggerBody,
+    responses(
+        (status = 202, description = "queued", body = openapi::RunAccepted),
+        (status = 400, description = "the body is not valid; the answer names the field", body = openapi::Problem),
+        (status = 403, description = "viewers do not trigger runs", body = openapi::Problem),
+        (status = 404, description = "no such workspace the caller may see", body = openapi::Problem),
+        (status = 409, description = "workspaces of that name exist in several organizations: add ?organization=", body = openapi::Problem),
+        (status = 413, description = "the body is larger than 1 MiB", body = openapi::Problem),
+        (status = 422, description = "the workspace has no such block or action", body = openapi::Problem),
+    ),
+)]
 async fn trigger(
     State(state): State<AppState>,
     caller: Caller,
@@ -842,17 +1060,65 @@ async fn trigger(
     ))
 }
 
-#[derive(Debug, Deserialize)]
+/// Trigger an action of a block: as `…/actions`
+#[utoipa::path(
+    post,
+    path = "/api/v1/workspaces/{name}/actions/",
+    tag = "runs",
+    params(("name" = String, Path, description = "the workspace's name"), OrgQuery),
+    request_body = TriggerBody,
+    responses(
+        (status = 202, description = "queued", body = openapi::RunAccepted),
+        (status = 400, description = "the body is not valid; the answer names the field", body = openapi::Problem),
+        (status = 403, description = "viewers do not trigger runs", body = openapi::Problem),
+        (status = 404, description = "no such workspace the caller may see", body = openapi::Problem),
+        (status = 409, description = "workspaces of that name exist in several organizations: add ?organization=", body = openapi::Problem),
+        (status = 413, description = "the body is larger than 1 MiB", body = openapi::Problem),
+        (status = 422, description = "the workspace has no such block or action", body = openapi::Problem),
+    ),
+)]
+async fn trigger_with_slash(
+    state: State<AppState>,
+    caller: Caller,
+    name: Path<String>,
+    q: Query<OrgQuery>,
+    headers: HeaderMap,
+    body: Result<Json<TriggerBody>, JsonRejection>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    trigger(state, caller, name, q, headers, body).await
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct RunQuery {
+    /// Only runs of this workspace.
     workspace: Option<String>,
+    /// Only runs of this block.
     block: Option<String>,
+    /// Only runs of this action.
     action: Option<String>,
+    /// Only runs in this status.
+    #[param(value_type = Option<openapi::RunStatusName>, inline)]
     status: Option<String>,
+    /// Only runs triggered by this API key, user or CI system.
     trigger: Option<String>,
+    // Documented as `PageQuery` next to this.
     #[serde(flatten)]
+    #[param(ignore)]
     page: PageQuery,
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/action-runs/",
+    tag = "runs",
+    summary = "The runs the caller sees, newest first",
+    params(RunQuery, PageQuery),
+    responses(
+        (status = 200, description = "one page of runs", body = openapi::Paginated<openapi::Run>),
+        (status = 400, description = "a filter, page or page_size is not valid", body = openapi::Problem),
+    ),
+)]
 async fn list_runs(
     State(state): State<AppState>,
     caller: Caller,
@@ -873,6 +1139,14 @@ async fn list_runs(
             })
         })
         .transpose()?;
+    for (field, value) in [
+        ("workspace", &q.workspace),
+        ("block", &q.block),
+        ("action", &q.action),
+        ("trigger", &q.trigger),
+    ] {
+        value.as_deref().map(|v| no_nul(field, v)).transpose()?;
+    }
     let filter = RunFilter {
         workspace: q.workspace,
         block: q.block,
@@ -891,6 +1165,17 @@ async fn list_runs(
     )))
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/action-runs/{id}/",
+    tag = "runs",
+    summary = "A run",
+    params(("id" = Uuid, Path, description = "the run's id")),
+    responses(
+        (status = 200, description = "the run", body = openapi::Run),
+        (status = 404, description = "no such run the caller may see", body = openapi::Problem),
+    ),
+)]
 async fn get_run(
     State(state): State<AppState>,
     caller: Caller,
@@ -906,11 +1191,24 @@ async fn get_run(
     Ok(Json(run_json(&base_url(&headers), &run)))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct LogQuery {
+    /// Only what came after chunk N.
+    #[param(value_type = Option<i64>, minimum = 0)]
     after_seq: Option<String>,
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/action-runs/{id}/artifacts/",
+    tag = "runs",
+    params(("id" = Uuid, Path, description = "the run's id")),
+    responses(
+        (status = 200, description = "the run's artifacts, on one page", body = openapi::Paginated<openapi::Artifact>),
+        (status = 404, description = "no such run the caller may see", body = openapi::Problem),
+    ),
+)]
 /// The files the run's job left in its block's artifacts directory.
 async fn list_artifacts(
     State(state): State<AppState>,
@@ -941,12 +1239,24 @@ async fn list_artifacts(
     ))
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/action-runs/{id}/artifacts/{*path}",
+    tag = "runs",
+    summary = "One artifact of a run, as stored",
+    params(("id" = Uuid, Path, description = "the run's id"), ("path" = String, Path, description = "the artifact's path in the block's artifacts directory; it may hold `/`")),
+    responses(
+        (status = 200, description = "the file", body = openapi::Binary, content_type = "application/octet-stream"),
+        (status = 404, description = "no such run, or it has no such artifact", body = openapi::Problem),
+    ),
+)]
 async fn get_artifact(
     State(state): State<AppState>,
     caller: Caller,
     Path((id, path)): Path<(String, String)>,
 ) -> ApiResult<Response> {
     let id = parse_id(&id, "run")?;
+    no_nul("path", &path)?;
     let data = state
         .store
         .artifact(caller.scope(), id, &path)
@@ -958,6 +1268,19 @@ async fn get_artifact(
 /// Cancels a run: a queued one at once (200, `canceled`); a leased or
 /// running one is stopped by its runner (202; it ends `canceled` with its
 /// log up to that point); one that has ended answers 409.
+#[utoipa::path(
+    post,
+    path = "/api/v1/action-runs/{id}/cancel/",
+    tag = "runs",
+    params(("id" = Uuid, Path, description = "the run's id")),
+    responses(
+        (status = 200, description = "the run was queued and is now canceled", body = openapi::Run),
+        (status = 202, description = "its runner is told to stop it; it ends canceled", body = openapi::Run),
+        (status = 403, description = "viewers do not cancel runs", body = openapi::Problem),
+        (status = 404, description = "no such run the caller may see", body = openapi::Problem),
+        (status = 409, description = "the run has already ended", body = openapi::Problem),
+    ),
+)]
 async fn cancel_run(
     State(state): State<AppState>,
     caller: Caller,
@@ -1008,6 +1331,27 @@ async fn cancel_run(
 /// The run's log as plain text, in order. `?after_seq=N` returns only what
 /// came after chunk N; the `Muster-Last-Seq` header says where to continue and
 /// `Muster-Run-Status` whether more can come.
+#[utoipa::path(
+    get,
+    path = "/api/v1/action-runs/{id}/logs/",
+    tag = "runs",
+    params(
+        ("id" = Uuid, Path, description = "the run's id"),
+        LogQuery,
+        ("Last-Event-ID" = Option<i64>, Header, nullable = false, minimum = 0, description = "resume after this chunk (as `after_seq`); sent by event-stream clients"),
+    ),
+    responses(
+        (status = 200, description = "the log: plain text, or with `Accept: text/event-stream` a live tail (events `log` with the chunk's seq as id, then one `end`)",
+            content((String = "text/plain"), (String = "text/event-stream")),
+            headers(
+                ("Muster-Last-Seq" = i64, description = "plain text: the last chunk's seq, where to continue"),
+                ("Muster-Run-Status" = openapi::RunStatusName, description = "plain text: the run's status; more can come unless it is final"),
+            ),
+        ),
+        (status = 400, description = "after_seq or Last-Event-ID is not a whole number", body = openapi::Problem),
+        (status = 404, description = "no such run the caller may see", body = openapi::Problem),
+    ),
+)]
 async fn run_logs(
     State(state): State<AppState>,
     caller: Caller,
@@ -1025,11 +1369,12 @@ async fn run_logs(
         .get("last-event-id")
         .map(|v| seq("Last-Event-ID", v.to_str().unwrap_or("?")))
         .transpose()?;
-    let after = match (resume, q.after_seq.as_deref()) {
-        (Some(n), _) => n,
-        (None, Some(s)) => seq("after_seq", s)?,
-        (None, None) => 0,
-    };
+    let after_seq = q
+        .after_seq
+        .as_deref()
+        .map(|s| seq("after_seq", s))
+        .transpose()?;
+    let after = resume.or(after_seq).unwrap_or(0);
     let live = headers
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
@@ -1105,6 +1450,17 @@ fn runner_json(r: &Runner) -> Value {
     })
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/runners/",
+    tag = "runners",
+    summary = "The runners the caller sees: its organization's and the instance-wide ones",
+    params(PageQuery),
+    responses(
+        (status = 200, description = "one page of runners", body = openapi::Paginated<openapi::Runner>),
+        (status = 400, description = "page or page_size is not valid", body = openapi::Problem),
+    ),
+)]
 async fn list_runners(
     State(state): State<AppState>,
     caller: Caller,
@@ -1127,6 +1483,17 @@ async fn list_runners(
 /// from now on, its stream is closed, and its leased or running runs end
 /// `lost`. Org admins revoke their organization's runners; instance-wide
 /// runners only super admins (403). Revoking again changes nothing (204).
+#[utoipa::path(
+    delete,
+    path = "/api/v1/runners/{id}/",
+    tag = "runners",
+    params(("id" = Uuid, Path, description = "the runner's id")),
+    responses(
+        (status = 204, description = "revoked (or it was already)"),
+        (status = 403, description = "only org admins revoke runners, and only super admins instance-wide ones", body = openapi::Problem),
+        (status = 404, description = "no such runner the caller may see", body = openapi::Problem),
+    ),
+)]
 async fn revoke_runner(
     State(state): State<AppState>,
     caller: Caller,
@@ -1154,25 +1521,45 @@ async fn revoke_runner(
     }
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, ToSchema, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct JoinTokenBody {
     /// Default true: the token enrolls one runner.
     single_use: Option<bool>,
     /// Seconds until the token expires; default one hour, at most 30 days.
+    #[schema(minimum = 60, maximum = 2592000)]
     expires_in: Option<u64>,
     /// Super admins: the organization whose runs the runner takes; absent, the
     /// runner serves every organization.
     organization: Option<String>,
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/v1/runners/join-tokens/",
+    tag = "runners",
+    summary = "Create a join token a runner enrolls with (org admins)",
+    request_body(content = Option<JoinTokenBody>, description = "optional: without a body the token enrolls one runner of the caller's organization (every organization's for super admins) within an hour"),
+    responses(
+        (status = 201, description = "created", body = openapi::JoinToken),
+        (status = 400, description = "a field is not valid", body = openapi::Problem),
+        (status = 403, description = "the caller's role may not create it", body = openapi::Problem),
+        (status = 413, description = "the body is larger than 1 MiB", body = openapi::Problem),
+        (status = 422, description = "the organization does not exist", body = openapi::Problem),
+    ),
+)]
 async fn create_join_token(
     State(state): State<AppState>,
     caller: Caller,
-    body: Option<Json<JoinTokenBody>>,
+    body: Result<Json<Option<JoinTokenBody>>, JsonRejection>,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     caller.require(Role::OrgAdmin, "create runner join tokens")?;
-    let body = body.map(|Json(b)| b).unwrap_or_default();
+    // No JSON body, or `null`, asks for the defaults.
+    let body = match body {
+        Err(JsonRejection::MissingJsonContentType(_)) => None,
+        body => json_body(body)?,
+    }
+    .unwrap_or_default();
     let expires_in = body.expires_in.unwrap_or(3600);
     if !(60..=30 * 24 * 3600).contains(&expires_in) {
         return Err(ServiceError::bad_request(format!(

@@ -88,6 +88,9 @@ impl From<StoreError> for ServiceError {
                 tracing::error!(error = %e, "database unavailable");
                 ServiceError::new(Code::Unavailable, "the database is unavailable; try again")
             }
+            StoreError::Invalid(why) => ServiceError::bad_request(format!(
+                "a value cannot be stored or searched for: {why}"
+            )),
             StoreError::Database(_) | StoreError::Corrupt(_) => {
                 tracing::error!(error = %e, "database error");
                 ServiceError::new(Code::Internal, "internal error (logged on the coordinator)")
@@ -114,4 +117,42 @@ impl IntoResponse for ServiceError {
         }
         response
     }
+}
+
+/// Axum refuses some requests itself, in plain text: a query string or path
+/// its extractors cannot read, a method the path does not serve. The API
+/// answers every refusal as `{"detail": …}`, so those are rewritten here (as
+/// a layer over the whole router); JSON answers pass as they are.
+pub async fn json_refusals(response: Response) -> Response {
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !status.is_client_error() || is_json {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    // Axum's refusals are one short line; anything longer is cut.
+    let text = axum::body::to_bytes(body, 4096).await.unwrap_or_default();
+    let text = String::from_utf8_lossy(&text).trim().to_owned();
+    let detail = if status == StatusCode::METHOD_NOT_ALLOWED {
+        // The router adds `Allow` after this layer has run.
+        "method not allowed: the Allow header lists the methods of this path".to_owned()
+    } else if text.is_empty() {
+        status
+            .canonical_reason()
+            .unwrap_or("refused")
+            .to_lowercase()
+    } else {
+        text
+    };
+    let body = serde_json::to_vec(&json!({ "detail": detail })).unwrap_or_default();
+    parts.headers.remove(axum::http::header::CONTENT_LENGTH);
+    parts.headers.insert(
+        axum::http::header::CONTENT_TYPE,
+        axum::http::HeaderValue::from_static("application/json"),
+    );
+    Response::from_parts(parts, axum::body::Body::from(body))
 }

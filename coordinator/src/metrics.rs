@@ -281,6 +281,16 @@ fn seconds_between(from: chrono::DateTime<chrono::Utc>, to: chrono::DateTime<chr
 
 /// `GET /metrics`. Open to anyone who reaches the HTTP port: nothing in it
 /// names an organization or holds a secret.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "meta",
+    security(()),
+    responses(
+        (status = 200, description = "Prometheus metrics, text exposition format 0.0.4", body = String, content_type = "text/plain"),
+        (status = 500, description = "the metrics could not be encoded", body = String, content_type = "text/plain"),
+    ),
+)]
 pub async fn serve(State(state): State<AppState>) -> Response {
     let queue_depth = match state.store.queued_runs().await {
         Ok(depth) => Some(depth),

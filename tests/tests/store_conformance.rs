@@ -62,6 +62,7 @@ cases![
     workspaces_named_scoped,
     workspaces_listed_paginated_and_scoped,
     run_created_and_read_scoped,
+    json_values_read_back_exactly,
     runs_listed_newest_first_paginated,
     runs_filtered_by_workspace_block_action,
     runs_filtered_by_status,
@@ -1054,6 +1055,54 @@ async fn run_created_and_read_scoped(s: Arc<dyn Store>) -> Outcome {
         s.run(Scope::All, Uuid::now_v7()).await?,
         None,
     )
+}
+
+/// What a trigger or a workspace holds comes back as it went in, numbers at
+/// the edges of f64 and u64 too: PostgreSQL gives JSONB numbers back in full
+/// decimal (f64::MAX as 309 digits), and a reader that got one wrong failed
+/// every later read of the run (schemathesis found it).
+async fn json_values_read_back_exactly(s: Arc<dyn Store>) -> Outcome {
+    let edges = json!({
+        "max": f64::MAX,
+        "almost_max": 1.797_693_134_862_315_5e308,
+        "min": f64::MIN,
+        "tiny": f64::MIN_POSITIVE,
+        "subnormal": 5e-324,
+        "third": 1.0 / 3.0,
+        "u64_max": u64::MAX,
+        "i64_min": i64::MIN,
+        "nested": [{"x": -0.1, "y": 1e-300}],
+    });
+    let o = org(&s, "acme").await?;
+    let w = s
+        .put_workspace(
+            o.id,
+            "edges",
+            "sha256:edges",
+            &json!({ "config": edges }),
+            b"edges",
+        )
+        .await?;
+    let mut new = new_run(&w, "linux-patch", "patch");
+    new.parameters = json!({ "extra_vars": edges });
+    new.trigger = json!({ "ci": edges });
+    new.plan = json!({ "vars": edges });
+    let run = s.create_run(new.clone()).await?;
+    let read = get_run(&s, run.id).await?;
+    check_eq("parameters", &read.parameters, &new.parameters)?;
+    check_eq("trigger", &read.trigger, &new.trigger)?;
+    check_eq("plan", &read.plan, &new.plan)?;
+    let (_, listed) = s
+        .list_runs(Scope::All, &RunFilter::default(), all())
+        .await?;
+    check_eq("listed", ids(&listed), vec![run.id])?;
+    let named = s.workspaces_named(Scope::All, "edges").await?;
+    check_eq(
+        "workspace model",
+        named.first().map(|w| &w.model),
+        Some(&json!({ "config": edges })),
+    )?;
+    Ok(())
 }
 
 async fn runs_listed_newest_first_paginated(s: Arc<dyn Store>) -> Outcome {

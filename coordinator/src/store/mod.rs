@@ -25,6 +25,9 @@ pub enum StoreError {
     Conflict(String),
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
+    /// A value the database cannot hold, such as text with a NUL character.
+    #[error("the database cannot hold this value: {0}")]
+    Invalid(String),
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;

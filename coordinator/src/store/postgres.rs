@@ -53,6 +53,17 @@ fn db_err(e: tokio_postgres::Error) -> StoreError {
                 .trim_end_matches(" already exists");
             return StoreError::Conflict(what.to_owned());
         }
+        // Text with a NUL character, as a parameter or inside JSON: the
+        // value is wrong, not the database.
+        if [
+            SqlState::CHARACTER_NOT_IN_REPERTOIRE,
+            SqlState::UNTRANSLATABLE_CHARACTER,
+        ]
+        .contains(db.code())
+        {
+            let detail = db.detail().map(|d| format!(" ({d})")).unwrap_or_default();
+            return StoreError::Invalid(format!("{}{detail}", db.message()));
+        }
         return StoreError::Database(db.message().to_owned());
     }
     if e.is_closed() {
@@ -66,6 +77,13 @@ fn pool_err(e: deadpool_postgres::PoolError) -> StoreError {
         deadpool_postgres::PoolError::Backend(e) => db_err(e),
         other => StoreError::Unavailable(other.to_string()),
     }
+}
+
+/// A JSONB column. One that does not read back is corrupt data, answered as
+/// such, never a panic in the request that met it.
+fn json_column(row: &Row, column: &str) -> Result<serde_json::Value> {
+    row.try_get(column)
+        .map_err(|e| StoreError::Corrupt(format!("{column}: {e}")))
 }
 
 fn labels_json(labels: &BTreeMap<String, String>) -> serde_json::Value {
@@ -96,11 +114,11 @@ fn run_from_row(row: &Row) -> Result<Run> {
         block: row.get("block"),
         block_version: row.get("block_version"),
         action: row.get("action"),
-        parameters: row.get("parameters"),
+        parameters: json_column(row, "parameters")?,
         reason: row.get("reason"),
-        trigger: row.get("trigger"),
-        plan: row.get("plan"),
-        runner_labels: labels_from(row.get("runner_labels"))?,
+        trigger: json_column(row, "trigger")?,
+        plan: json_column(row, "plan")?,
+        runner_labels: labels_from(json_column(row, "runner_labels")?)?,
         status: RunStatus::parse(&status)
             .ok_or_else(|| StoreError::Corrupt(format!("run status '{status}'")))?,
         exit_code: row.get("exit_code"),
@@ -141,17 +159,17 @@ const WORKSPACE_SELECT: &str =
     "SELECT w.id, w.org_id, o.name AS organization, w.name, w.bundle_digest, \
     w.model, w.created_at, w.updated_at FROM workspaces w JOIN organizations o ON o.id = w.org_id";
 
-fn workspace_from_row(row: &Row) -> Workspace {
-    Workspace {
+fn workspace_from_row(row: &Row) -> Result<Workspace> {
+    Ok(Workspace {
         id: row.get("id"),
         org_id: row.get("org_id"),
         organization: row.get("organization"),
         name: row.get("name"),
         bundle_digest: row.get("bundle_digest"),
-        model: row.get("model"),
+        model: json_column(row, "model")?,
         created_at: row.get("created_at"),
         updated_at: row.get("updated_at"),
-    }
+    })
 }
 
 fn api_key_from_row(row: &Row) -> ApiKey {
@@ -179,7 +197,7 @@ fn runner_from_row(row: &Row) -> Result<Runner> {
         id: row.get("id"),
         org_id: row.get("org_id"),
         name: row.get("name"),
-        labels: labels_from(row.get("labels"))?,
+        labels: labels_from(json_column(row, "labels")?)?,
         capacity: row.get("capacity"),
         version: row.get("version"),
         cert_serial: row.get("cert_serial"),
@@ -515,7 +533,7 @@ impl Store for PgStore {
             .await
             .map_err(db_err)?;
         tx.commit().await.map_err(db_err)?;
-        Ok(workspace_from_row(&row))
+        workspace_from_row(&row)
     }
 
     async fn workspaces_named(&self, scope: Scope, name: &str) -> Result<Vec<Workspace>> {
@@ -527,7 +545,7 @@ impl Store for PgStore {
             )
             .await
             .map_err(db_err)?;
-        Ok(rows.iter().map(workspace_from_row).collect())
+        rows.iter().map(workspace_from_row).collect()
     }
 
     async fn list_workspaces(&self, scope: Scope, page: Page) -> Result<(i64, Vec<Workspace>)> {
@@ -547,7 +565,10 @@ impl Store for PgStore {
             )
             .await
             .map_err(db_err)?;
-        Ok((count, rows.iter().map(workspace_from_row).collect()))
+        Ok((
+            count,
+            rows.iter().map(workspace_from_row).collect::<Result<_>>()?,
+        ))
     }
 
     async fn bundle(&self, digest: &str) -> Result<Option<Vec<u8>>> {

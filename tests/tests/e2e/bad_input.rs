@@ -182,3 +182,131 @@ async fn bad_triggers_are_refused_naming_the_problem() -> anyhow::Result<()> {
     db.drop_db().await;
     Ok(())
 }
+
+/// Whatever the API refuses, it refuses as `{"detail": …}` naming what was
+/// wrong: axum's own refusals too (a query string it cannot read, a method a
+/// path does not serve), and text no store may hold. Each of these once
+/// answered otherwise, or with a 500; schemathesis found them
+/// (tests/tests/e2e/openapi.rs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_are_json_naming_what_was_wrong() -> anyhow::Result<()> {
+    let db = TestDb::create().await?;
+    let c = TestCoordinator::start(&db).await?;
+    c.push_dir(&c.admin_key, &example_workspace()).await?;
+    let key = &c.admin_key;
+    let get = |path: &'static str| c.call(key, reqwest::Method::GET, path, None);
+    let post = |path: &'static str, body| c.call(key, reqwest::Method::POST, path, Some(body));
+    let detail = |body: &serde_json::Value| body["detail"].as_str().unwrap_or_default().to_owned();
+    let trigger = "/api/v1/workspaces/acme-corp-automation/actions";
+
+    // Refused by axum itself: a repeated query parameter, a method.
+    let (status, body) = get("/api/v1/action-runs/?status=queued&status=failed").await?;
+    assert_eq!(status, 400, "{body}");
+    assert!(detail(&body).contains("status"), "{body}");
+    let response = c
+        .http
+        .put(c.url("/api/v1/action-runs/"))
+        .bearer_auth(key)
+        .send()
+        .await?;
+    assert_eq!(response.status().as_u16(), 405);
+    let allow = response.headers().get("allow").cloned();
+    assert_eq!(
+        allow.as_ref().and_then(|v| v.to_str().ok()),
+        Some("GET,HEAD")
+    );
+    let body: serde_json::Value = response.json().await?;
+    assert!(detail(&body).contains("Allow"), "{body}");
+
+    // NUL characters: in a filter, a name, a trigger's reason and variables.
+    let (status, body) = get("/api/v1/action-runs/?action=a%00b").await?;
+    assert_eq!(status, 400, "{body}");
+    assert!(detail(&body).starts_with("action: "), "{body}");
+    let (status, body) = get("/api/v1/workspaces/a%00b/").await?;
+    assert_eq!(status, 400, "{body}");
+    assert!(detail(&body).starts_with("name: "), "{body}");
+    let (status, body) = post(
+        trigger,
+        json!({"block": "linux-patch", "action": "patch", "reason": "a\u{0}b"}),
+    )
+    .await?;
+    assert_eq!(status, 400, "{body}");
+    assert!(detail(&body).starts_with("reason: "), "{body}");
+    let (status, body) = post(
+        trigger,
+        json!({"block": "linux-patch", "action": "patch",
+               "parameters": {"extra_vars": {"hosts": ["web1", "x\u{0}"]}}}),
+    )
+    .await?;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        detail(&body).starts_with("parameters.extra_vars.hosts[1]: "),
+        "{body}"
+    );
+
+    // In a pushed workspace (YAML spells it "\0"), where only the database
+    // minds it: still the client's error, never a 500.
+    let file = tar::EntryType::Regular;
+    let (status, body) = c
+        .push_bytes(
+            key,
+            raw_tar_gz(&[(
+                "workspace.poly",
+                file,
+                b"name: tiny\norganization: acme\ndescription: \"a\\0b\"\n",
+                None,
+            )]),
+        )
+        .await?;
+    assert!(status == 400 || status == 422, "{status} {body}");
+
+    // A join token's body is read like every other: a wrong type names the
+    // field; `null` asks for the defaults.
+    let tokens = "/api/v1/runners/join-tokens/";
+    let (status, body) = post(tokens, json!({"expires_in": "soon"})).await?;
+    assert_eq!(status, 400, "{body}");
+    assert!(detail(&body).contains("expires_in"), "{body}");
+    let (status, body) = post(tokens, serde_json::Value::Null).await?;
+    assert_eq!(status, 201, "{body}");
+
+    // `after_seq` is checked when `Last-Event-ID` is given too.
+    let run = c
+        .trigger(
+            "acme-corp-automation",
+            json!({"block": "linux-patch", "action": "patch",
+                   "parameters": {"extra_vars": {"edge": 1.797_693_134_862_315_5e308}}}),
+        )
+        .await?;
+    let response = c
+        .http
+        .get(c.url(&format!("/api/v1/action-runs/{run}/logs/?after_seq=x")))
+        .bearer_auth(key)
+        .header("Last-Event-ID", "0")
+        .send()
+        .await?;
+    assert_eq!(response.status().as_u16(), 400);
+    assert!(response.text().await?.contains("after_seq"));
+
+    // A number at the edge of f64 is stored and read back, in the run and
+    // in the list, which once failed on it for good.
+    let read = c
+        .admin(
+            reqwest::Method::GET,
+            &format!("/api/v1/action-runs/{run}/"),
+            None,
+        )
+        .await?;
+    assert_eq!(
+        read["parameters"]["extra_vars"]["edge"],
+        json!(1.797_693_134_862_315_5e308),
+        "{read}"
+    );
+    let list = c
+        .admin(reqwest::Method::GET, "/api/v1/action-runs/", None)
+        .await?;
+    assert_eq!(list["count"], 1, "{list}");
+
+    c.stop().await;
+    db.drop_db().await;
+    Ok(())
+}
