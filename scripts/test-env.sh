@@ -226,6 +226,8 @@ setup() {
             --requirement "$REQUIREMENTS" ||
             die "could not install schemathesis (from $REQUIREMENTS) into $VENV"
         "$VENV/bin/st" --version >/dev/null 2>&1 || die "schemathesis in $VENV does not run"
+        "$VENV/bin/python" -c 'import prometheus_client.parser' ||
+            die "prometheus-client in $VENV does not import"
         printf '%s\n' "$want" >"$VENV/.muster-requirements"
         step "schemathesis ready: $("$VENV/bin/st" --version)"
     fi
@@ -246,3 +248,4 @@ fi
 printf 'export MUSTER_TEST_DATABASE_URL=%s\n' "$DATABASE_URL"
 printf 'export MUSTER_TEST_REDIS_URL=%s\n' "$REDIS_URL"
 printf 'export MUSTER_SCHEMATHESIS=%s\n' "$VENV/bin/st"
+printf 'export MUSTER_TEST_PYTHON=%s\n' "$VENV/bin/python"

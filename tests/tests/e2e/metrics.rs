@@ -148,7 +148,86 @@ async fn scrape(http: &reqwest::Client, url: &str) -> anyhow::Result<Scrape> {
         content_type.starts_with("text/plain; version=0.0.4"),
         "GET {url}: content type '{content_type}'"
     );
-    Ok(Scrape(parse_exposition(&response.text().await?)?))
+    let text = response.text().await?;
+    let scrape = Scrape(parse_exposition(&text)?);
+    // Prometheus's own client library reads it the same way.
+    let official = prometheus_parse(&text)?;
+    ensure!(
+        official.len() == scrape.0.len(),
+        "prometheus_client read {} samples, this test {}",
+        official.len(),
+        scrape.0.len()
+    );
+    for sample in &official {
+        let labels: Vec<(&str, &str)> = sample
+            .labels
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        let ours = scrape.value(&sample.name, &labels)?;
+        ensure!(
+            ours == sample.value || (ours.is_nan() && sample.value.is_nan()),
+            "{}{:?}: prometheus_client read {}, this test {ours}",
+            sample.name,
+            sample.labels,
+            sample.value
+        );
+    }
+    Ok(scrape)
+}
+
+/// The samples of an exposition as the official Python client library's
+/// text-format parser reads them (from the test environment's virtualenv).
+fn prometheus_parse(text: &str) -> anyhow::Result<Vec<Sample>> {
+    use std::io::Write;
+    let python = std::env::var("MUSTER_TEST_PYTHON").map_err(|_| {
+        anyhow!("MUSTER_TEST_PYTHON is not set: run the suite with scripts/test.sh, which installs prometheus-client")
+    })?;
+    const READ: &str = "import json, sys\n\
+from prometheus_client.parser import text_string_to_metric_families\n\
+out = [{'name': s.name, 'labels': s.labels, 'value': repr(float(s.value))}\n\
+       for f in text_string_to_metric_families(sys.stdin.read()) for s in f.samples]\n\
+print(json.dumps(out))\n";
+    let mut child = std::process::Command::new(python)
+        .args(["-c", READ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    child
+        .stdin
+        .take()
+        .context("python's stdin")?
+        .write_all(text.as_bytes())?;
+    let output = child.wait_with_output()?;
+    ensure!(
+        output.status.success(),
+        "prometheus_client could not parse the exposition: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let read: Vec<serde_json::Value> = serde_json::from_slice(&output.stdout)?;
+    read.into_iter()
+        .map(|s| {
+            let value = match s["value"].as_str().unwrap_or_default() {
+                "inf" => f64::INFINITY,
+                "-inf" => f64::NEG_INFINITY,
+                other => other.parse::<f64>()?,
+            };
+            let labels = s["labels"]
+                .as_object()
+                .map(|l| {
+                    l.iter()
+                        .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_owned()))
+                        .collect()
+                })
+                .unwrap_or_default();
+            Ok(Sample {
+                name: s["name"].as_str().unwrap_or_default().to_owned(),
+                labels,
+                value,
+            })
+        })
+        .collect()
 }
 
 /// Scrapes `url` until `ready` holds, failing after `within`.
