@@ -75,6 +75,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/runners/", get(list_runners))
         .route("/api/v1/runners/{id}/", delete(revoke_runner))
         .route("/api/v1/runners/join-tokens/", post(create_join_token))
+        .merge(crate::monitoring::api::routes())
         .fallback(|| async {
             ServiceError::not_found("no such endpoint; the API lives under /api/v1/")
         })
