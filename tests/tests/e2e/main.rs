@@ -11,5 +11,6 @@ mod dev;
 mod faults;
 mod live;
 mod metrics;
+mod monitoring;
 mod revocation;
 mod security;
