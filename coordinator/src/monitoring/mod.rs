@@ -35,6 +35,9 @@
 //!   alert and their resolve message); an incident open before the window
 //!   still sends its resolve. A window without endpoint ids covers every
 //!   endpoint of the organization and its agents' silence alerts.
+//! - Revoking an agent turns its location `unknown` like silence does (no
+//!   other live agent there), but may end an incident, and sends no agent
+//!   message: it is an operator's act, not an event to be told about.
 //! - Uptime is the share of checks, over all locations, whose verdict was
 //!   not `down`, over the last 24 hours, 7 days and 30 days (`null` with no
 //!   checks in that time).
