@@ -14,7 +14,9 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use tokio_util::sync::CancellationToken;
 
-use crate::{follow, push, Api};
+use crate::api::Api;
+use crate::follow::{tail, Sink};
+use crate::push;
 
 #[derive(clap::Args)]
 pub struct DevArgs {
@@ -131,7 +133,7 @@ pub async fn dev(args: DevArgs) -> anyhow::Result<i32> {
                 .await?;
             let id = queued["id"].as_str().unwrap_or_default().to_owned();
             eprintln!("muster dev: run {id} queued ({block}:{action})");
-            let code = follow(&api, &id).await?;
+            let code = tail(&api, &id, Sink::Stdout).await?.exit_code();
             eprintln!("muster dev: run {id} ended with exit code {code}");
         }
         println!("muster dev: serving; press Ctrl-C to stop");

@@ -44,6 +44,13 @@ pub enum Event {
     },
     /// A log chunk was stored.
     Log { run_id: Uuid, chunk: LogChunk },
+    /// A run changed status on its way to a final one (leased to a runner,
+    /// running): live tails tell their clients at once.
+    StatusChanged {
+        run_id: Uuid,
+        status: RunStatus,
+        runner: Option<String>,
+    },
     /// A run reached a final status; its log is complete.
     Finished {
         run_id: Uuid,
@@ -59,7 +66,7 @@ pub enum Topic {
     Queue,
     /// Cancel signals.
     Control,
-    /// One run's log chunks and its final status.
+    /// One run's log chunks and its status changes.
     Run(Uuid),
 }
 
@@ -68,7 +75,9 @@ impl Event {
         match self {
             Event::RunQueued { .. } => Topic::Queue,
             Event::CancelRun { .. } => Topic::Control,
-            Event::Log { run_id, .. } | Event::Finished { run_id, .. } => Topic::Run(*run_id),
+            Event::Log { run_id, .. }
+            | Event::StatusChanged { run_id, .. }
+            | Event::Finished { run_id, .. } => Topic::Run(*run_id),
         }
     }
 }

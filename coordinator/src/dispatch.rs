@@ -353,6 +353,12 @@ impl Dispatcher {
         if sent {
             self.metrics.run_leased(run);
             tracing::info!(run_id = %run.id, runner_id = %runner_id, token = run.fencing_token, "leased run");
+            let leased = Event::StatusChanged {
+                run_id: run.id,
+                status: run.status,
+                runner: run.runner_name.clone(),
+            };
+            announce(&*self.bus, leased).await;
             return Ok(true);
         }
         if let Some(slot) = self

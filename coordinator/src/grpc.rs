@@ -817,8 +817,16 @@ async fn handle_message(
                     // A cancel that came while the lease was on its way
                     // reached a runner that did not know the run yet.
                     let run = store.run(Scope::All, run_id).await.map_err(store_status)?;
-                    if run.is_some_and(|r| r.cancel_requested_at.is_some()) {
-                        send_cancel(outbox, run_id, started.fencing_token as i64);
+                    if let Some(run) = run {
+                        if run.cancel_requested_at.is_some() {
+                            send_cancel(outbox, run_id, started.fencing_token as i64);
+                        }
+                        let running = Event::StatusChanged {
+                            run_id,
+                            status: run.status,
+                            runner: run.runner_name,
+                        };
+                        announce(bus, running).await;
                     }
                 }
             }

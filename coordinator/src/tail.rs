@@ -2,6 +2,12 @@
 //! a point (the start, or `Last-Event-ID`), then chunks as they are stored,
 //! then one `end` event with the run's status and exit code.
 //!
+//! A `status` event (`{status, runner, attempt}`, no id) comes first and
+//! again whenever the run's status or runner changes, so a client can say
+//! "waiting for a runner" and "running on X" as it happens. It carries no
+//! id, so `Last-Event-ID` stays a log seq; clients that know only `log` and
+//! `end` ignore it.
+//!
 //! The bus subscription is taken before the stored log is read, so nothing
 //! falls between the two; chunks are sent in seq order exactly once (the
 //! event id is the seq). Whatever the bus drops or never carries (a lagging
@@ -18,7 +24,7 @@ use tokio::sync::{broadcast, mpsc, watch};
 use uuid::Uuid;
 
 use crate::bus::{Bus, Event, Topic};
-use crate::store::{LogChunk, Scope, Store, StoreError};
+use crate::store::{LogChunk, Run, RunStatus, Scope, Store, StoreError};
 
 /// How long the tail waits for news before it looks at the store itself,
 /// while the bus is healthy (see [`crate::bus::poll_interval`]).
@@ -64,10 +70,19 @@ async fn follow(
     mut last: i64,
     tx: &mpsc::Sender<Result<SseEvent, Infallible>>,
 ) -> Result<(), Gone> {
+    // The status and runner last told to the client.
+    let mut told: Option<(RunStatus, Option<String>)> = None;
     {
         loop {
             // The status first: a run seen final has its whole log stored.
             let run = store.run(Scope::All, run_id).await?;
+            if let Some(run) = &run {
+                let now = (run.status, run.runner_name.clone());
+                if told.as_ref() != Some(&now) {
+                    send(tx, status_event(run)).await?;
+                    told = Some(now);
+                }
+            }
             catch_up(store, run_id, &mut last, tx).await?;
             if let Some(run) = run.filter(|r| r.status.is_final()) {
                 let end = json!({ "status": run.status.as_str(), "exit_code": run.exit_code });
@@ -90,7 +105,7 @@ async fn follow(
                     // Older (already sent) or out of order: the store has it.
                     Ok(Ok(Event::Log { chunk, .. })) if chunk.seq <= last => {}
                     Ok(Ok(Event::Log { .. })) => break,
-                    Ok(Ok(Event::Finished { .. })) => break,
+                    Ok(Ok(Event::Finished { .. } | Event::StatusChanged { .. })) => break,
                     Ok(Ok(_)) => {}
                     Ok(Err(broadcast::error::RecvError::Lagged(_))) => break,
                     Ok(Err(broadcast::error::RecvError::Closed)) => {
@@ -122,6 +137,15 @@ async fn catch_up(
             return Ok(());
         }
     }
+}
+
+fn status_event(run: &Run) -> SseEvent {
+    let data = json!({
+        "status": run.status.as_str(),
+        "runner": run.runner_name,
+        "attempt": run.attempt,
+    });
+    SseEvent::default().event("status").data(data.to_string())
 }
 
 fn log_event(chunk: &LogChunk) -> SseEvent {

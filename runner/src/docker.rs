@@ -1,17 +1,20 @@
 //! The docker executor: runs a job in a fresh container through the Docker
 //! API. The bundle and the variables file are uploaded into the container (no
 //! host bind mounts, so a runner that itself runs in a container works), the
-//! output is attached before start so no byte is missed, and the container is
-//! removed whatever happens.
+//! output is read from the container's log from its first byte, following
+//! it until the container stops (one source, so no byte is missed or read
+//! twice, as switching from replayed logs to an attached stream can), and
+//! the container is removed whatever happens. The daemon's log driver must
+//! be one that can be read back (json-file, the default; local; journald).
 
 use std::time::Duration;
 
 use bollard::container::LogOutput;
 use bollard::models::{ContainerCreateBody, HostConfig};
 use bollard::query_parameters::{
-    AttachContainerOptionsBuilder, CreateContainerOptionsBuilder, CreateImageOptionsBuilder,
-    DownloadFromContainerOptionsBuilder, RemoveContainerOptionsBuilder,
-    StopContainerOptionsBuilder, UploadToContainerOptionsBuilder,
+    CreateContainerOptionsBuilder, CreateImageOptionsBuilder, DownloadFromContainerOptionsBuilder,
+    LogsOptionsBuilder, RemoveContainerOptionsBuilder, StopContainerOptionsBuilder,
+    UploadToContainerOptionsBuilder,
 };
 use bollard::Docker;
 use bytes::Bytes;
@@ -184,14 +187,13 @@ impl DockerExecutor {
                 .await?;
         }
 
-        let attach = AttachContainerOptionsBuilder::new()
-            .stream(true)
+        self.docker.start_container(id, None).await?;
+        let follow = LogsOptionsBuilder::new()
+            .follow(true)
             .stdout(true)
             .stderr(true)
-            .logs(true)
             .build();
-        let output = self.docker.attach_container(id, Some(attach)).await?.output;
-        self.docker.start_container(id, None).await?;
+        let output = self.docker.logs(id, Some(follow));
 
         let output = output
             .take_while(|item| {

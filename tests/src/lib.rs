@@ -881,13 +881,25 @@ pub struct LogTail {
 impl LogTail {
     /// Opens the tail of `run_id` on coordinator `c`.
     pub async fn open(c: &TestCoordinator, run_id: &str) -> anyhow::Result<LogTail> {
-        let response = c
+        Self::resume(c, run_id, None).await
+    }
+
+    /// Opens the tail of `run_id` after the event `last_event_id`, as a
+    /// client that reconnects does.
+    pub async fn resume(
+        c: &TestCoordinator,
+        run_id: &str,
+        last_event_id: Option<&str>,
+    ) -> anyhow::Result<LogTail> {
+        let mut request = c
             .http
             .get(c.url(&format!("/api/v1/action-runs/{run_id}/logs/")))
             .bearer_auth(&c.admin_key)
-            .header("Accept", "text/event-stream")
-            .send()
-            .await?;
+            .header("Accept", "text/event-stream");
+        if let Some(id) = last_event_id {
+            request = request.header("Last-Event-ID", id);
+        }
+        let response = request.send().await?;
         anyhow::ensure!(response.status().is_success(), "{}", response.status());
         Ok(LogTail {
             body: Box::pin(response.bytes_stream()),

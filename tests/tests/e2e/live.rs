@@ -4,19 +4,10 @@
 
 use std::time::{Duration, Instant};
 
-use futures_util::StreamExt;
-use muster_tests::{TestCoordinator, TestDb};
+use muster_tests::{LogTail, SseEvent as Sse, TestCoordinator, TestDb};
 use serde_json::{json, Value};
 
 const LINES: usize = 40;
-
-/// One server-sent event.
-#[derive(Debug)]
-struct Sse {
-    id: Option<String>,
-    event: String,
-    data: Value,
-}
 
 /// Reads events until `end`, noting when each came.
 async fn read_events(
@@ -24,51 +15,13 @@ async fn read_events(
     run_id: &str,
     last_event_id: Option<&str>,
 ) -> anyhow::Result<Vec<(Instant, Sse)>> {
-    let mut req = c
-        .http
-        .get(c.url(&format!("/api/v1/action-runs/{run_id}/logs/")))
-        .bearer_auth(&c.admin_key)
-        .header("Accept", "text/event-stream");
-    if let Some(id) = last_event_id {
-        req = req.header("Last-Event-ID", id);
-    }
-    let response = req.send().await?;
-    anyhow::ensure!(response.status().is_success(), "{}", response.status());
-    let mut body = response.bytes_stream();
-    let mut buffer = String::new();
+    let mut tail = LogTail::resume(c, run_id, last_event_id).await?;
     let mut events = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while Instant::now() < deadline {
-        let Some(bytes) = tokio::time::timeout(Duration::from_secs(30), body.next()).await? else {
-            break;
-        };
-        buffer.push_str(&String::from_utf8_lossy(&bytes?));
-        while let Some(end) = buffer.find("\n\n") {
-            let block: String = buffer.drain(..end + 2).collect();
-            let mut event = Sse {
-                id: None,
-                event: "message".into(),
-                data: Value::Null,
-            };
-            let mut data = String::new();
-            for line in block.lines() {
-                if let Some(v) = line.strip_prefix("id: ") {
-                    event.id = Some(v.to_owned());
-                } else if let Some(v) = line.strip_prefix("event: ") {
-                    event.event = v.to_owned();
-                } else if let Some(v) = line.strip_prefix("data: ") {
-                    data.push_str(v);
-                }
-            }
-            if data.is_empty() {
-                continue; // a keep-alive comment
-            }
-            event.data = serde_json::from_str(&data)?;
-            let done = event.event == "end";
-            events.push((Instant::now(), event));
-            if done {
-                return Ok(events);
-            }
+    while let Some(event) = tail.next(Duration::from_secs(30)).await? {
+        let done = event.event == "end";
+        events.push((Instant::now(), event));
+        if done {
+            return Ok(events);
         }
     }
     anyhow::bail!("the stream ended without an end event: {events:?}")
@@ -99,7 +52,10 @@ async fn the_log_streams_live_and_resumes_from_last_event_id() -> anyhow::Result
     let (status, answer) = c.push_dir(&c.admin_key, ws.path()).await?;
     assert_eq!(status, 201, "{answer}");
     let runner = c
-        .start_runner_configured(|r| r.executor = muster_runner::ExecutorChoice::Process)
+        .start_runner_configured(|r| {
+            r.executor = muster_runner::ExecutorChoice::Process;
+            r.name = Some("live-runner".into());
+        })
         .await?;
     let run_id = c
         .trigger("live", json!({"block": "jobs", "action": "count"}))
@@ -122,12 +78,42 @@ async fn the_log_streams_live_and_resumes_from_last_event_id() -> anyhow::Result
         .collect();
     assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "{seqs:?}");
 
-    // Reconnecting after the third event resumes after it.
-    let third = events[2].1.id.clone().expect("log events have ids");
-    let rest = read_events(&c, &run_id, Some(&third)).await?;
-    let before: String = events[..3]
+    // `status` events (no id) come first and on each change; the one for
+    // `running` names the runner, and it comes before the log it writes.
+    let statuses: Vec<&Value> = events
         .iter()
-        .map(|(_, e)| e.data["data"].as_str().unwrap_or_default())
+        .filter(|(_, e)| e.event == "status")
+        .map(|(_, e)| &e.data)
+        .collect();
+    assert_eq!(events[0].1.event, "status", "{events:?}");
+    assert!(
+        events
+            .iter()
+            .all(|(_, e)| e.event != "status" || e.id.is_none()),
+        "status events carry no id, so Last-Event-ID stays a log seq"
+    );
+    let running = statuses
+        .iter()
+        .position(|s| s["status"] == "running")
+        .unwrap_or_else(|| panic!("no running status: {statuses:?}"));
+    assert_eq!(statuses[running]["runner"], "live-runner", "{statuses:?}");
+    let running_at = events
+        .iter()
+        .position(|(_, e)| e.event == "status" && e.data["status"] == "running");
+    let first_log_at = events.iter().position(|(_, e)| e.event == "log");
+    assert!(running_at < first_log_at, "{events:?}");
+
+    // Reconnecting after the third log event resumes after it.
+    let logs: Vec<&Sse> = events
+        .iter()
+        .map(|(_, e)| e)
+        .filter(|e| e.event == "log")
+        .collect();
+    let third = logs[2].id.clone().expect("log events have ids");
+    let rest = read_events(&c, &run_id, Some(&third)).await?;
+    let before: String = logs[..3]
+        .iter()
+        .map(|e| e.data["data"].as_str().unwrap_or_default())
         .collect();
     assert_eq!(
         format!("{before}{}", text_of(&rest)),

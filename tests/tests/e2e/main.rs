@@ -12,5 +12,6 @@ mod faults;
 mod live;
 mod metrics;
 mod monitoring;
+mod pipeline;
 mod revocation;
 mod security;
