@@ -52,6 +52,7 @@ type ApiResult<T> = Result<T, ServiceError>;
 pub fn router(state: AppState) -> Router {
     let (endpoints, _) = endpoints().split_for_parts();
     endpoints
+        .merge(crate::monitoring::api::routes())
         .fallback(|| async {
             ServiceError::not_found("no such endpoint; the API lives under /api/v1/")
         })

@@ -80,6 +80,18 @@ pub struct Config {
     /// Most database connections this coordinator opens.
     #[arg(long, env = "MUSTER_DATABASE_MAX_CONNECTIONS", default_value_t = 16)]
     pub database_max_connections: usize,
+
+    /// How long endpoint check results are kept, in days; uptime looks back
+    /// 30 days at most.
+    #[arg(long, env = "MUSTER_MONITORING_RETENTION_DAYS", default_value_t = 30)]
+    pub monitoring_retention_days: u64,
+
+    /// How long a monitoring agent may go without a heartbeat before it is
+    /// silent: one alert, and its locations turn `unknown` (30 s when unset,
+    /// three heartbeats of an agent that sends one every 10 s). No flag sets
+    /// it; tests shorten it.
+    #[arg(skip)]
+    pub agent_silence: Option<Duration>,
 }
 
 /// Where the coordinator keeps its state.
@@ -108,6 +120,8 @@ impl Config {
             redis_url: None,
             healthy_poll: None,
             database_max_connections: 8,
+            monitoring_retention_days: 30,
+            agent_silence: None,
         }
     }
 
@@ -153,6 +167,18 @@ impl Config {
                 );
             }
         }
+        if !(1..=3650).contains(&self.monitoring_retention_days) {
+            return Err(format!(
+                "--monitoring-retention-days: {} is out of range, expected 1 to 3650",
+                self.monitoring_retention_days
+            ));
+        }
+        if self
+            .agent_silence
+            .is_some_and(|s| s < Duration::from_millis(100))
+        {
+            return Err("agent silence: expected at least 100 ms".to_owned());
+        }
         if self.lease_ttl_secs < 5 {
             return Err(format!(
                 "--lease-ttl: {} is too short, expected at least 5 seconds",
@@ -170,6 +196,16 @@ impl Config {
 
     pub fn lease_ttl(&self) -> Duration {
         Duration::from_secs(self.lease_ttl_secs)
+    }
+
+    /// The monitoring settings this configuration gives.
+    pub fn monitoring(&self) -> crate::monitoring::Settings {
+        crate::monitoring::Settings {
+            agent_silence: self
+                .agent_silence
+                .unwrap_or(crate::monitoring::DEFAULT_AGENT_SILENCE),
+            retention: Duration::from_secs(self.monitoring_retention_days * 24 * 3600),
+        }
     }
 
     pub fn max_artifact_bytes(&self) -> u64 {

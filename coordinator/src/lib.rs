@@ -13,6 +13,7 @@ pub mod dispatch;
 pub mod error;
 pub mod grpc;
 pub mod metrics;
+pub mod monitoring;
 pub mod redis_bus;
 pub mod revocation;
 pub mod store;
@@ -207,6 +208,12 @@ pub async fn start(config: Config) -> anyhow::Result<Coordinator> {
         .await
         .with_context(|| format!("--http-addr: cannot listen on {}", config.http_addr))?;
     let http_addr = http_listener.local_addr()?;
+    let monitoring = monitoring::start(
+        store.clone(),
+        config.monitoring(),
+        &tracker,
+        shutdown.clone(),
+    )?;
     let app = api::router(api::AppState {
         store: store.clone(),
         bus: bus.clone(),
@@ -215,7 +222,9 @@ pub async fn start(config: Config) -> anyhow::Result<Coordinator> {
         max_bundle_bytes: config.max_bundle_bytes(),
         tail_poll: config.healthy_poll.unwrap_or(tail::POLL_EVERY),
         metrics,
-    });
+    })
+    // The monitoring routes' context (crate::monitoring::api).
+    .layer(axum::Extension(monitoring));
     let http_shutdown = shutdown.clone();
     tracker.spawn(async move {
         let serve = axum::serve(http_listener, app)

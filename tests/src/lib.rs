@@ -11,6 +11,8 @@ use muster_common::bundle::Bundle;
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
+pub mod monitoring;
+
 /// The repository root.
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -20,6 +20,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, ensure, Context};
 use chrono::{DateTime, TimeDelta, Utc};
+use muster_common::condition::Measured;
+use muster_common::monitor::{
+    AgentHealth, CheckKind, CheckResult, ConditionSpec, Timings, Verdict,
+};
+use muster_coordinator::monitoring::{
+    Agent, CheckOptions, Delivery, EndpointConfig, EndpointDetail, NewAgent, NewMaintenanceWindow,
+    RecordOutcome, ResultFilter, Status, Uptime,
+};
 use muster_coordinator::store::postgres::PgStore;
 use muster_coordinator::store::sqlite::SqliteStore;
 use muster_coordinator::store::{
@@ -99,6 +107,18 @@ cases![
     runner_revocation_is_scoped_and_kept,
     revoked_runner_is_leased_nothing,
     runner_cert_renewal_keeps_the_previous_until_used,
+    agents_created_authenticated_and_revoked,
+    agents_listed_with_heartbeats_and_endpoint_counts,
+    endpoints_created_updated_and_deleted_in_scope,
+    endpoints_for_an_agent_are_its_organizations_at_its_location,
+    results_stored_once_and_only_for_assigned_endpoints,
+    results_drive_states_incidents_and_the_outbox,
+    endpoint_status_needs_the_quorum_of_locations,
+    silent_agents_are_claimed_once_and_their_locations_turn_unknown,
+    maintenance_windows_mute_incidents_and_are_scoped,
+    notifiers_created_listed_and_deleted_in_scope,
+    notifications_are_leased_retried_and_kept_in_order,
+    old_results_are_pruned,
 ];
 
 /// Each case's time limit, so a hang fails the case instead of the suite.
@@ -2759,4 +2779,919 @@ async fn runner_cert_renewal_keeps_the_previous_until_used(s: Arc<dyn Store>) ->
         read_runner(&s, r.id).await?.cert_serial,
         "s3".to_owned(),
     )
+}
+
+// ---------------------------------------------------------------------------
+// Monitoring (issue 6).
+
+fn new_agent(identity: &Identity, name: &str, location: &str) -> NewAgent {
+    NewAgent {
+        org_id: identity.org_id,
+        name: name.into(),
+        location: location.into(),
+        prefix: format!("agt_{name}"),
+        token_hash: format!("agent-hash-{name}-{}", identity.org_id),
+        created_by: identity.id,
+    }
+}
+
+fn endpoint_config(name: &str, locations: &[&str], min_failing: u32) -> EndpointConfig {
+    EndpointConfig {
+        name: name.into(),
+        kind: CheckKind::Http,
+        target: "http://127.0.0.1:8000/".into(),
+        interval: 5,
+        timeout: 2,
+        locations: locations.iter().map(|l| l.to_string()).collect(),
+        min_failing_locations: min_failing,
+        failure_threshold: 2,
+        success_threshold: 2,
+        conditions: vec![ConditionSpec {
+            condition: "[STATUS] == 200".into(),
+            degrades: false,
+        }],
+        options: CheckOptions::default(),
+    }
+}
+
+fn check(endpoint: Uuid, at: DateTime<Utc>, verdict: Verdict) -> CheckResult {
+    CheckResult {
+        id: Uuid::now_v7(),
+        endpoint_id: endpoint,
+        checked_at: at,
+        verdict,
+        error: (verdict == Verdict::Down).then(|| "connection refused".to_owned()),
+        measured: Measured {
+            connected: verdict != Verdict::Down,
+            status: (verdict != Verdict::Down).then_some(200),
+            ..Measured::default()
+        },
+        timings: Timings {
+            connect_ms: Some(1.5),
+            total_ms: 3.0,
+            ..Timings::default()
+        },
+        tls: Default::default(),
+        conditions: Vec::new(),
+    }
+}
+
+fn heartbeat(version: &str) -> AgentHealth {
+    AgentHealth {
+        version: version.into(),
+        endpoints_version: Some("v1".into()),
+        buffered_results: 7,
+        checks_per_minute: 12.5,
+    }
+}
+
+/// Feeds `n` results of `verdict` from `agent`, one second apart from `from`.
+async fn feed(
+    s: &Arc<dyn Store>,
+    agent: &Agent,
+    endpoint: Uuid,
+    from: DateTime<Utc>,
+    n: i64,
+    verdict: Verdict,
+) -> anyhow::Result<RecordOutcome> {
+    let batch: Vec<CheckResult> = (0..n)
+        .map(|i| check(endpoint, from + secs(i), verdict))
+        .collect();
+    Ok(s.record_results(agent, &batch, from + secs(n)).await?)
+}
+
+async fn status_of(s: &Arc<dyn Store>, id: Uuid) -> anyhow::Result<EndpointDetail> {
+    s.endpoint_detail(Scope::All, id, now())
+        .await?
+        .ok_or_else(|| anyhow!("endpoint {id} not found"))
+}
+
+/// The events of the notifications due now, claimed by a fresh owner and
+/// marked sent.
+async fn deliver_all(s: &Arc<dyn Store>) -> anyhow::Result<Vec<String>> {
+    let owner = Uuid::now_v7();
+    let mut events = Vec::new();
+    loop {
+        let claimed = s
+            .claim_notifications(owner, now(), now() + secs(60), 100)
+            .await?;
+        if claimed.is_empty() {
+            return Ok(events);
+        }
+        for n in claimed {
+            events.push(n.payload["event"].as_str().unwrap_or("?").to_owned());
+            ensure!(
+                s.settle_notification(n.id, owner, &Delivery::Sent, now())
+                    .await?,
+                "settling a claimed notification failed"
+            );
+        }
+    }
+}
+
+async fn agents_created_authenticated_and_revoked(s: Arc<dyn Store>) -> Outcome {
+    let (acme, alice) = identity_in(&s, "acme").await?;
+    let (globex, bob) = identity_in(&s, "globex").await?;
+    let agent = s
+        .create_agent(new_agent(&alice, "berlin-1", "site-a"))
+        .await?;
+    check_eq("org", agent.org_id, acme.id)?;
+    check_eq("location", agent.location.as_str(), "site-a")?;
+    check_eq("prefix", agent.prefix.as_str(), "agt_berlin-1")?;
+    check_eq("heartbeat", agent.last_heartbeat_at, None)?;
+    expect_conflict(
+        "the same name in one organization",
+        s.create_agent(NewAgent {
+            token_hash: "another".into(),
+            ..new_agent(&alice, "berlin-1", "site-b")
+        })
+        .await,
+    )?;
+    s.create_agent(new_agent(&bob, "berlin-1", "site-a"))
+        .await?;
+
+    let found = s
+        .authenticate_agent(&format!("agent-hash-berlin-1-{}", acme.id))
+        .await?
+        .context("the agent's token does not authenticate")?;
+    check_eq("authenticated", found.id, agent.id)?;
+    check_eq(
+        "an unknown hash",
+        s.authenticate_agent("agent-hash-nobody").await?,
+        None,
+    )?;
+
+    let at = now();
+    check_eq(
+        "revoked from another organization",
+        s.revoke_agent(Scope::Org(globex.id), agent.id, at).await?,
+        None,
+    )?;
+    let revoked = s
+        .revoke_agent(Scope::Org(acme.id), agent.id, at)
+        .await?
+        .context("revoking in scope found nothing")?;
+    check_eq("revoked_at", revoked.revoked_at, Some(at))?;
+    let again = s
+        .revoke_agent(Scope::All, agent.id, at + secs(5))
+        .await?
+        .context("revoking again found nothing")?;
+    check_eq("revoked_at kept", again.revoked_at, Some(at))?;
+    check_eq(
+        "a revoked agent's token",
+        s.authenticate_agent(&format!("agent-hash-berlin-1-{}", acme.id))
+            .await?,
+        None,
+    )?;
+    check_eq(
+        "a revoked agent's heartbeat",
+        s.agent_heartbeat(agent.id, &heartbeat("1.0"), now())
+            .await?,
+        None,
+    )
+}
+
+async fn agents_listed_with_heartbeats_and_endpoint_counts(s: Arc<dyn Store>) -> Outcome {
+    let (acme, alice) = identity_in(&s, "acme").await?;
+    let (globex, bob) = identity_in(&s, "globex").await?;
+    let a = s.create_agent(new_agent(&alice, "a", "site-a")).await?;
+    s.create_agent(new_agent(&alice, "b", "site-b")).await?;
+    s.create_agent(new_agent(&bob, "c", "site-a")).await?;
+    s.create_endpoint(
+        acme.id,
+        &endpoint_config("web", &["site-a", "site-b"], 1),
+        now(),
+    )
+    .await?;
+    s.create_endpoint(acme.id, &endpoint_config("db", &["site-a"], 1), now())
+        .await?;
+    s.create_endpoint(globex.id, &endpoint_config("web", &["site-a"], 1), now())
+        .await?;
+
+    let at = now();
+    let seen = s
+        .agent_heartbeat(a.id, &heartbeat("0.3.1"), at)
+        .await?
+        .context("a heartbeat of a live agent found nothing")?;
+    check_eq("version", seen.version.as_deref(), Some("0.3.1"))?;
+    check_eq("heartbeat", seen.last_heartbeat_at, Some(at))?;
+    check_eq("checks per minute", seen.checks_per_minute, 12.5)?;
+    check_eq("buffered", seen.buffered_results, 7)?;
+    check_eq(
+        "endpoints version",
+        seen.endpoints_version.as_deref(),
+        Some("v1"),
+    )?;
+
+    let (count, listed) = s.list_agents(Scope::Org(acme.id), all()).await?;
+    check_eq("acme's agents", count, 2)?;
+    let counts: Vec<(String, i64)> = listed
+        .iter()
+        .map(|a| (a.name.clone(), a.endpoint_count))
+        .collect();
+    check_eq(
+        "endpoint counts",
+        counts,
+        vec![("a".to_owned(), 2), ("b".to_owned(), 1)],
+    )?;
+    check_eq("listed as seen", listed[0].last_heartbeat_at, Some(at))?;
+    let (count, first) = s.list_agents(Scope::All, page(1, 2)).await?;
+    check_eq("every agent", count, 3)?;
+    check_eq("a page", first.len(), 2)?;
+    let (_, globex_agents) = s.list_agents(Scope::Org(globex.id), all()).await?;
+    check_eq(
+        "globex's agent's endpoints",
+        globex_agents[0].endpoint_count,
+        1,
+    )
+}
+
+async fn endpoints_created_updated_and_deleted_in_scope(s: Arc<dyn Store>) -> Outcome {
+    let (acme, alice) = identity_in(&s, "acme").await?;
+    let (globex, _) = identity_in(&s, "globex").await?;
+    let mut config = endpoint_config("web", &["site-a", "site-b"], 2);
+    config.options.http.method = "HEAD".into();
+    config.conditions.push(ConditionSpec {
+        condition: "[RESPONSE_TIME] < 300".into(),
+        degrades: true,
+    });
+    let at = now();
+    let web = s.create_endpoint(acme.id, &config, at).await?;
+    check_eq("config", &web.config, &config)?;
+    check_eq("status", web.status, Status::Unknown)?;
+    check_eq("created_at", web.created_at, at)?;
+    check_eq("incident", web.incident.clone(), None)?;
+    expect_conflict(
+        "the same name in one organization",
+        s.create_endpoint(acme.id, &config, at).await,
+    )?;
+    s.create_endpoint(globex.id, &config, at).await?;
+
+    let detail = s
+        .endpoint_detail(Scope::Org(acme.id), web.id, at)
+        .await?
+        .context("the endpoint is not found in its organization")?;
+    check_eq("detail", &detail.endpoint, &web)?;
+    let locations: Vec<(&str, Status)> = detail
+        .locations
+        .iter()
+        .map(|l| (l.location.as_str(), l.state))
+        .collect();
+    check_eq(
+        "states",
+        locations,
+        vec![("site-a", Status::Unknown), ("site-b", Status::Unknown)],
+    )?;
+    check_eq("no uptime without checks", detail.uptime, Uptime::default())?;
+    check_eq(
+        "read from another organization",
+        s.endpoint_detail(Scope::Org(globex.id), web.id, at).await?,
+        None,
+    )?;
+    let (count, listed) = s.list_endpoints(Scope::Org(acme.id), all()).await?;
+    check_eq("acme's endpoints", (count, listed), (1, vec![web.clone()]))?;
+    check_eq(
+        "every endpoint",
+        s.list_endpoints(Scope::All, all()).await?.0,
+        2,
+    )?;
+
+    // site-a's state survives a change that keeps it; site-b goes, site-c comes.
+    let agent = s.create_agent(new_agent(&alice, "a", "site-a")).await?;
+    feed(&s, &agent, web.id, now(), 2, Verdict::Up).await?;
+    let mut changed = endpoint_config("web-2", &["site-a", "site-c"], 1);
+    changed.interval = 30;
+    check_eq(
+        "changed from another organization",
+        s.update_endpoint(Scope::Org(globex.id), web.id, &changed, now())
+            .await?,
+        None,
+    )?;
+    let updated = s
+        .update_endpoint(Scope::Org(acme.id), web.id, &changed, now())
+        .await?
+        .context("updating in scope found nothing")?;
+    check_eq("updated config", &updated.config, &changed)?;
+    check_eq("status kept", updated.status, Status::Up)?;
+    let states: Vec<(String, Status)> = status_of(&s, web.id)
+        .await?
+        .locations
+        .into_iter()
+        .map(|l| (l.location, l.state))
+        .collect();
+    check_eq(
+        "states after the change",
+        states,
+        vec![
+            ("site-a".to_owned(), Status::Up),
+            ("site-c".to_owned(), Status::Unknown),
+        ],
+    )?;
+
+    ensure!(
+        !s.delete_endpoint(Scope::Org(globex.id), web.id).await?,
+        "deleted from another organization"
+    );
+    ensure!(
+        s.delete_endpoint(Scope::Org(acme.id), web.id).await?,
+        "deleting in scope found nothing"
+    );
+    check_eq(
+        "read after delete",
+        s.endpoint_detail(Scope::All, web.id, now()).await?,
+        None,
+    )
+}
+
+async fn endpoints_for_an_agent_are_its_organizations_at_its_location(
+    s: Arc<dyn Store>,
+) -> Outcome {
+    let (acme, alice) = identity_in(&s, "acme").await?;
+    let (globex, _) = identity_in(&s, "globex").await?;
+    let agent = s.create_agent(new_agent(&alice, "a", "site-a")).await?;
+    let web = s
+        .create_endpoint(
+            acme.id,
+            &endpoint_config("web", &["site-a", "site-b"], 1),
+            now(),
+        )
+        .await?;
+    s.create_endpoint(acme.id, &endpoint_config("db", &["site-b"], 1), now())
+        .await?;
+    s.create_endpoint(globex.id, &endpoint_config("web", &["site-a"], 1), now())
+        .await?;
+    let theirs: Vec<Uuid> = s
+        .endpoints_for_agent(&agent)
+        .await?
+        .iter()
+        .map(|e| e.id)
+        .collect();
+    check_eq("the agent's endpoints", theirs, vec![web.id])
+}
+
+async fn results_stored_once_and_only_for_assigned_endpoints(s: Arc<dyn Store>) -> Outcome {
+    let (acme, alice) = identity_in(&s, "acme").await?;
+    let (globex, bob) = identity_in(&s, "globex").await?;
+    let agent = s.create_agent(new_agent(&alice, "a", "site-a")).await?;
+    let web = s
+        .create_endpoint(acme.id, &endpoint_config("web", &["site-a"], 1), now())
+        .await?;
+    let elsewhere = s
+        .create_endpoint(acme.id, &endpoint_config("db", &["site-b"], 1), now())
+        .await?;
+    let foreign = s
+        .create_endpoint(globex.id, &endpoint_config("web", &["site-a"], 1), now())
+        .await?;
+    let t0 = now() - secs(60);
+    let batch = vec![
+        check(web.id, t0, Verdict::Up),
+        check(web.id, t0 + secs(10), Verdict::Down),
+        check(elsewhere.id, t0, Verdict::Up),
+        check(foreign.id, t0, Verdict::Up),
+    ];
+    let outcome = s.record_results(&agent, &batch, now()).await?;
+    check_eq("stored", outcome.stored, 2)?;
+    check_eq("duplicates", outcome.duplicates, 0)?;
+    let refused: Vec<Uuid> = outcome.refused.iter().map(|r| r.endpoint_id).collect();
+    check_eq("refused", refused, vec![elsewhere.id, foreign.id])?;
+    ensure!(
+        outcome.refused[0].reason.contains("assigned to this agent"),
+        "reason: {}",
+        outcome.refused[0].reason
+    );
+    let replay = s.record_results(&agent, &batch[..2], now()).await?;
+    check_eq(
+        "a replayed batch",
+        (replay.stored, replay.duplicates),
+        (0, 2),
+    )?;
+    let seen = s
+        .authenticate_agent(&format!("agent-hash-a-{}", acme.id))
+        .await?
+        .context("the agent vanished")?;
+    ensure!(seen.last_report_at.is_some(), "the report was not recorded");
+
+    let (count, results) = s
+        .list_results(Scope::Org(acme.id), web.id, &ResultFilter::default(), all())
+        .await?
+        .context("no history in scope")?;
+    check_eq("history", count, 2)?;
+    check_eq(
+        "newest first",
+        results.iter().map(|r| r.result.id).collect::<Vec<_>>(),
+        vec![batch[1].id, batch[0].id],
+    )?;
+    check_eq("kept whole", &results[1].result, &batch[0])?;
+    check_eq("location", results[0].location.as_str(), "site-a")?;
+    check_eq("agent", results[0].agent_id, agent.id)?;
+    let since = ResultFilter {
+        since: Some(t0 + secs(5)),
+        ..ResultFilter::default()
+    };
+    check_eq(
+        "since",
+        s.list_results(Scope::All, web.id, &since, all())
+            .await?
+            .map(|(n, _)| n),
+        Some(1),
+    )?;
+    let at_b = ResultFilter {
+        location: Some("site-b".into()),
+        ..ResultFilter::default()
+    };
+    check_eq(
+        "another location",
+        s.list_results(Scope::All, web.id, &at_b, all())
+            .await?
+            .map(|(n, _)| n),
+        Some(0),
+    )?;
+    check_eq(
+        "history from another organization",
+        s.list_results(
+            Scope::Org(globex.id),
+            web.id,
+            &ResultFilter::default(),
+            all(),
+        )
+        .await?,
+        None,
+    )?;
+    // Another organization's agent cannot report on acme's endpoint.
+    let intruder = s.create_agent(new_agent(&bob, "b", "site-a")).await?;
+    let outcome = s
+        .record_results(&intruder, &[check(web.id, now(), Verdict::Down)], now())
+        .await?;
+    check_eq("intruder stored", outcome.stored, 0)?;
+    check_eq("intruder refused", outcome.refused.len(), 1)?;
+    // Nor can a revoked agent.
+    s.revoke_agent(Scope::All, agent.id, now()).await?;
+    let outcome = s
+        .record_results(&agent, &[check(web.id, now(), Verdict::Up)], now())
+        .await?;
+    check_eq("revoked agent stored", outcome.stored, 0)?;
+    ensure!(
+        outcome
+            .refused
+            .first()
+            .is_some_and(|r| r.reason.contains("revoked")),
+        "a revoked agent's results: {outcome:?}"
+    );
+    Ok(())
+}
+
+async fn results_drive_states_incidents_and_the_outbox(s: Arc<dyn Store>) -> Outcome {
+    let (acme, alice) = identity_in(&s, "acme").await?;
+    let agent = s.create_agent(new_agent(&alice, "a", "site-a")).await?;
+    let web = s
+        .create_endpoint(acme.id, &endpoint_config("web", &["site-a"], 1), now())
+        .await?;
+    s.create_notifier(acme.id, "webhook", "http://127.0.0.1:9/hook")
+        .await?;
+    let t0 = now() - secs(100);
+
+    feed(&s, &agent, web.id, t0, 2, Verdict::Up).await?;
+    check_eq(
+        "up",
+        status_of(&s, web.id).await?.endpoint.status,
+        Status::Up,
+    )?;
+    // One failure is below the threshold (2).
+    feed(&s, &agent, web.id, t0 + secs(10), 1, Verdict::Down).await?;
+    let detail = status_of(&s, web.id).await?;
+    check_eq("one failure", detail.endpoint.status, Status::Up)?;
+    check_eq("failures counted", detail.locations[0].failures, 1)?;
+    let outcome = feed(&s, &agent, web.id, t0 + secs(20), 1, Verdict::Down).await?;
+    check_eq("alerts queued", outcome.notifications, 1)?;
+    let detail = status_of(&s, web.id).await?;
+    check_eq("down", detail.endpoint.status, Status::Down)?;
+    let incident = detail
+        .endpoint
+        .incident
+        .clone()
+        .context("no incident opened")?;
+    check_eq("incident started", incident.started_at, t0 + secs(21))?;
+    let last = detail.locations[0]
+        .last_result
+        .clone()
+        .context("no last result")?;
+    check_eq("last result's verdict", last.verdict, Verdict::Down)?;
+    check_eq("last result's timings", last.timings.connect_ms, Some(1.5))?;
+    check_eq(
+        "last checked",
+        detail.locations[0].last_checked_at,
+        Some(t0 + secs(20)),
+    )?;
+    check_eq("reporter", detail.locations[0].agent_id, Some(agent.id))?;
+    // Still down: no second alert.
+    let outcome = feed(&s, &agent, web.id, t0 + secs(30), 3, Verdict::Down).await?;
+    check_eq("no second alert", outcome.notifications, 0)?;
+    // One success is below the recovery threshold (2).
+    feed(&s, &agent, web.id, t0 + secs(40), 1, Verdict::Up).await?;
+    check_eq(
+        "one success",
+        status_of(&s, web.id).await?.endpoint.status,
+        Status::Down,
+    )?;
+    let outcome = feed(&s, &agent, web.id, t0 + secs(50), 1, Verdict::Up).await?;
+    check_eq("resolve queued", outcome.notifications, 1)?;
+    let detail = status_of(&s, web.id).await?;
+    check_eq("recovered", detail.endpoint.status, Status::Up)?;
+    check_eq("incident closed", detail.endpoint.incident, None)?;
+    // 2 up, 5 down, 2 up: 4 of 9 checks were not down.
+    let day = detail.uptime.day.context("no uptime")?;
+    ensure!((day - 400.0 / 9.0).abs() < 1e-9, "uptime {day}");
+    check_eq("week = day", detail.uptime.week, Some(day))?;
+
+    let owner = Uuid::now_v7();
+    let claimed = s
+        .claim_notifications(owner, now(), now() + secs(60), 10)
+        .await?;
+    // The resolve waits for its alert to be settled.
+    check_eq("claimable", claimed.len(), 1)?;
+    let alert = &claimed[0];
+    check_eq(
+        "event",
+        alert.payload["event"].as_str(),
+        Some("endpoint_down"),
+    )?;
+    check_eq("url", alert.url.as_str(), "http://127.0.0.1:9/hook")?;
+    check_eq(
+        "incident id",
+        alert.payload["incident_id"].as_str(),
+        Some(incident.id.to_string().as_str()),
+    )?;
+    check_eq(
+        "endpoint",
+        alert.payload["endpoint"]["name"].as_str(),
+        Some("web"),
+    )?;
+    s.settle_notification(alert.id, owner, &Delivery::Sent, now())
+        .await?;
+    check_eq(
+        "then the resolve",
+        deliver_all(&s).await?,
+        vec!["endpoint_resolved".to_owned()],
+    )
+}
+
+async fn endpoint_status_needs_the_quorum_of_locations(s: Arc<dyn Store>) -> Outcome {
+    let (acme, alice) = identity_in(&s, "acme").await?;
+    let a = s.create_agent(new_agent(&alice, "a", "site-a")).await?;
+    let b = s.create_agent(new_agent(&alice, "b", "site-b")).await?;
+    let web = s
+        .create_endpoint(
+            acme.id,
+            &endpoint_config("web", &["site-a", "site-b"], 2),
+            now(),
+        )
+        .await?;
+    let t0 = now() - secs(100);
+    feed(&s, &a, web.id, t0, 2, Verdict::Up).await?;
+    feed(&s, &b, web.id, t0, 2, Verdict::Up).await?;
+    check_eq(
+        "up",
+        status_of(&s, web.id).await?.endpoint.status,
+        Status::Up,
+    )?;
+    feed(&s, &a, web.id, t0 + secs(10), 2, Verdict::Down).await?;
+    let detail = status_of(&s, web.id).await?;
+    check_eq(
+        "one location down",
+        detail.endpoint.status,
+        Status::Degraded,
+    )?;
+    check_eq(
+        "no incident below the quorum",
+        detail.endpoint.incident,
+        None,
+    )?;
+    feed(&s, &b, web.id, t0 + secs(10), 2, Verdict::Down).await?;
+    let detail = status_of(&s, web.id).await?;
+    check_eq("both down", detail.endpoint.status, Status::Down)?;
+    ensure!(
+        detail.endpoint.incident.is_some(),
+        "no incident at the quorum"
+    );
+    Ok(())
+}
+
+async fn silent_agents_are_claimed_once_and_their_locations_turn_unknown(
+    s: Arc<dyn Store>,
+) -> Outcome {
+    let (acme, alice) = identity_in(&s, "acme").await?;
+    let agent = s.create_agent(new_agent(&alice, "a", "site-a")).await?;
+    let other = s.create_agent(new_agent(&alice, "b", "site-b")).await?;
+    // An agent that never reported is not silent: it never spoke.
+    s.create_agent(new_agent(&alice, "c", "site-c")).await?;
+    let web = s
+        .create_endpoint(
+            acme.id,
+            &endpoint_config("web", &["site-a", "site-b"], 1),
+            now(),
+        )
+        .await?;
+    s.create_notifier(acme.id, "webhook", "http://127.0.0.1:9/hook")
+        .await?;
+    let t0 = now() - secs(100);
+    s.agent_heartbeat(agent.id, &heartbeat("1"), t0).await?;
+    s.agent_heartbeat(other.id, &heartbeat("1"), now()).await?;
+    feed(&s, &agent, web.id, t0, 2, Verdict::Down).await?;
+    feed(&s, &other, web.id, t0, 2, Verdict::Up).await?;
+    check_eq(
+        "down at site-a",
+        status_of(&s, web.id).await?.endpoint.status,
+        Status::Down,
+    )?;
+    deliver_all(&s).await?;
+
+    // Several coordinators look at once: one of them claims the agent.
+    let before = now() - secs(30);
+    let lookers: Vec<_> = (0..4)
+        .map(|_| {
+            let s = Arc::clone(&s);
+            tokio::spawn(async move { s.mark_silent_agents(before, now()).await })
+        })
+        .collect();
+    let mut claimed = Vec::new();
+    for looker in lookers {
+        claimed.extend(looker.await??);
+    }
+    check_eq(
+        "claimed once (never the agent that never reported)",
+        claimed.iter().map(|a| a.id).collect::<Vec<_>>(),
+        vec![agent.id],
+    )?;
+    ensure!(claimed[0].silent_since.is_some(), "not marked silent");
+    check_eq(
+        "claimed again",
+        s.mark_silent_agents(before, now()).await?.len(),
+        0,
+    )?;
+    let detail = status_of(&s, web.id).await?;
+    let states: Vec<Status> = detail.locations.iter().map(|l| l.state).collect();
+    check_eq("site-a unknown", states, vec![Status::Unknown, Status::Up])?;
+    check_eq("status", detail.endpoint.status, Status::Up)?;
+    ensure!(
+        detail.endpoint.incident.is_some(),
+        "silence ended the incident"
+    );
+    check_eq(
+        "one agent alert",
+        deliver_all(&s).await?,
+        vec!["agent_silent".to_owned()],
+    )?;
+
+    let back = s
+        .agent_heartbeat(agent.id, &heartbeat("1"), now())
+        .await?
+        .context("heartbeat found nothing")?;
+    check_eq("silence over", back.silent_since, None)?;
+    check_eq(
+        "one resolve",
+        deliver_all(&s).await?,
+        vec!["agent_resolved".to_owned()],
+    )?;
+    // A location another live agent still covers does not go dark.
+    let twin = s.create_agent(new_agent(&alice, "b2", "site-b")).await?;
+    s.agent_heartbeat(twin.id, &heartbeat("1"), t0).await?;
+    check_eq(
+        "the twin claimed",
+        s.mark_silent_agents(before, now()).await?.len(),
+        1,
+    )?;
+    check_eq(
+        "site-b still up",
+        status_of(&s, web.id).await?.locations[1].state,
+        Status::Up,
+    )
+}
+
+async fn maintenance_windows_mute_incidents_and_are_scoped(s: Arc<dyn Store>) -> Outcome {
+    let (acme, alice) = identity_in(&s, "acme").await?;
+    let (globex, _) = identity_in(&s, "globex").await?;
+    let agent = s.create_agent(new_agent(&alice, "a", "site-a")).await?;
+    let web = s
+        .create_endpoint(acme.id, &endpoint_config("web", &["site-a"], 1), now())
+        .await?;
+    let db = s
+        .create_endpoint(acme.id, &endpoint_config("db", &["site-a"], 1), now())
+        .await?;
+    s.create_notifier(acme.id, "webhook", "http://127.0.0.1:9/hook")
+        .await?;
+    let window = s
+        .create_maintenance_window(NewMaintenanceWindow {
+            org_id: acme.id,
+            starts_at: now() - secs(600),
+            ends_at: now() + secs(600),
+            endpoint_ids: vec![web.id],
+            reason: Some("upgrade".into()),
+            created_by: alice.id,
+        })
+        .await?;
+    check_eq("endpoints", window.endpoint_ids.clone(), vec![web.id])?;
+    check_eq(
+        "listed",
+        s.list_maintenance_windows(Scope::Org(acme.id)).await?,
+        vec![window.clone()],
+    )?;
+    check_eq(
+        "listed elsewhere",
+        s.list_maintenance_windows(Scope::Org(globex.id))
+            .await?
+            .len(),
+        0,
+    )?;
+
+    let t0 = now() - secs(100);
+    let outcome = feed(&s, &agent, web.id, t0, 2, Verdict::Down).await?;
+    check_eq("muted", outcome.notifications, 0)?;
+    let incident = status_of(&s, web.id)
+        .await?
+        .endpoint
+        .incident
+        .context("no incident")?;
+    ensure!(incident.muted, "the incident is not marked muted");
+    let outcome = feed(&s, &agent, db.id, t0, 2, Verdict::Down).await?;
+    check_eq("another endpoint is not muted", outcome.notifications, 1)?;
+    let outcome = feed(&s, &agent, web.id, t0 + secs(10), 2, Verdict::Up).await?;
+    check_eq("no resolve of a muted incident", outcome.notifications, 0)?;
+
+    ensure!(
+        !s.delete_maintenance_window(Scope::Org(globex.id), window.id)
+            .await?,
+        "deleted from another organization"
+    );
+    ensure!(
+        s.delete_maintenance_window(Scope::Org(acme.id), window.id)
+            .await?,
+        "deleting in scope found nothing"
+    );
+    check_eq(
+        "after delete",
+        s.list_maintenance_windows(Scope::All).await?.len(),
+        0,
+    )
+}
+
+async fn notifiers_created_listed_and_deleted_in_scope(s: Arc<dyn Store>) -> Outcome {
+    let (acme, _) = identity_in(&s, "acme").await?;
+    let (globex, _) = identity_in(&s, "globex").await?;
+    let hook = s
+        .create_notifier(acme.id, "webhook", "https://hooks.example/a")
+        .await?;
+    check_eq("kind", hook.kind.as_str(), "webhook")?;
+    s.create_notifier(globex.id, "webhook", "https://hooks.example/b")
+        .await?;
+    check_eq(
+        "acme's",
+        s.list_notifiers(Scope::Org(acme.id)).await?,
+        vec![hook.clone()],
+    )?;
+    check_eq("all", s.list_notifiers(Scope::All).await?.len(), 2)?;
+    ensure!(
+        !s.delete_notifier(Scope::Org(globex.id), hook.id).await?,
+        "deleted from another organization"
+    );
+    ensure!(
+        s.delete_notifier(Scope::Org(acme.id), hook.id).await?,
+        "deleting in scope found nothing"
+    );
+    check_eq(
+        "after delete",
+        s.list_notifiers(Scope::Org(acme.id)).await?.len(),
+        0,
+    )
+}
+
+async fn notifications_are_leased_retried_and_kept_in_order(s: Arc<dyn Store>) -> Outcome {
+    let (acme, alice) = identity_in(&s, "acme").await?;
+    let agent = s.create_agent(new_agent(&alice, "a", "site-a")).await?;
+    let web = s
+        .create_endpoint(acme.id, &endpoint_config("web", &["site-a"], 1), now())
+        .await?;
+    s.create_notifier(acme.id, "webhook", "http://127.0.0.1:9/hook")
+        .await?;
+    let t0 = now() - secs(100);
+    feed(&s, &agent, web.id, t0, 2, Verdict::Down).await?;
+    feed(&s, &agent, web.id, t0 + secs(10), 2, Verdict::Up).await?;
+
+    let (one, two) = (Uuid::now_v7(), Uuid::now_v7());
+    let at = now();
+    let claimed = s.claim_notifications(one, at, at + secs(60), 10).await?;
+    check_eq("the alert only", claimed.len(), 1)?;
+    check_eq("first attempt", claimed[0].attempts, 1)?;
+    let alert = claimed[0].id;
+    check_eq(
+        "leased to another",
+        s.claim_notifications(two, at, at + secs(60), 10)
+            .await?
+            .len(),
+        0,
+    )?;
+    ensure!(
+        !s.settle_notification(alert, two, &Delivery::Sent, at)
+            .await?,
+        "settled by one that does not hold the lease"
+    );
+    // A failure: back after its retry time, to whoever claims it then.
+    ensure!(
+        s.settle_notification(
+            alert,
+            one,
+            &Delivery::Retry {
+                at: at + secs(30),
+                error: "the webhook answered 500".into()
+            },
+            at
+        )
+        .await?,
+        "recording a retry failed"
+    );
+    check_eq(
+        "before its retry time",
+        s.claim_notifications(two, at + secs(1), at + secs(60), 10)
+            .await?
+            .len(),
+        0,
+    )?;
+    let again = s
+        .claim_notifications(two, at + secs(31), at + secs(90), 10)
+        .await?;
+    check_eq(
+        "retried",
+        again.iter().map(|n| (n.id, n.attempts)).collect::<Vec<_>>(),
+        vec![(alert, 2)],
+    )?;
+    // Its lease runs out (its coordinator died): claimed again.
+    let taken = s
+        .claim_notifications(one, at + secs(91), at + secs(150), 10)
+        .await?;
+    check_eq(
+        "taken over",
+        taken.iter().map(|n| n.id).collect::<Vec<_>>(),
+        vec![alert],
+    )?;
+    ensure!(
+        !s.settle_notification(alert, two, &Delivery::Sent, at)
+            .await?,
+        "the former holder settled it"
+    );
+    ensure!(
+        s.settle_notification(
+            alert,
+            one,
+            &Delivery::GaveUp {
+                error: "the webhook answered 500".into()
+            },
+            at
+        )
+        .await?,
+        "giving up failed"
+    );
+    // Given up, it no longer holds back the resolve, which goes once.
+    let resolve = s
+        .claim_notifications(one, at + secs(151), at + secs(200), 10)
+        .await?;
+    check_eq("the resolve", resolve.len(), 1)?;
+    check_eq(
+        "its event",
+        resolve[0].payload["event"].as_str(),
+        Some("endpoint_resolved"),
+    )?;
+    s.settle_notification(resolve[0].id, one, &Delivery::Sent, at)
+        .await?;
+    check_eq(
+        "nothing left",
+        s.claim_notifications(two, at + secs(10_000), at + secs(10_060), 10)
+            .await?
+            .len(),
+        0,
+    )
+}
+
+async fn old_results_are_pruned(s: Arc<dyn Store>) -> Outcome {
+    let (acme, alice) = identity_in(&s, "acme").await?;
+    let agent = s.create_agent(new_agent(&alice, "a", "site-a")).await?;
+    let web = s
+        .create_endpoint(acme.id, &endpoint_config("web", &["site-a"], 1), now())
+        .await?;
+    let old = now() - secs(40 * 86_400);
+    feed(&s, &agent, web.id, old, 5, Verdict::Down).await?;
+    feed(&s, &agent, web.id, now() - secs(60), 2, Verdict::Up).await?;
+    let history = |s: Arc<dyn Store>| async move {
+        anyhow::Ok(
+            s.list_results(Scope::All, web.id, &ResultFilter::default(), all())
+                .await?
+                .map(|(n, _)| n),
+        )
+    };
+    check_eq("before", history(Arc::clone(&s)).await?, Some(7))?;
+    let cutoff = now() - secs(30 * 86_400);
+    check_eq("a batch", s.prune_results(cutoff, 3).await?, 3)?;
+    check_eq("the rest", s.prune_results(cutoff, 3).await?, 2)?;
+    check_eq("nothing more", s.prune_results(cutoff, 3).await?, 0)?;
+    check_eq("after", history(Arc::clone(&s)).await?, Some(2))?;
+    let detail = status_of(&s, web.id).await?;
+    check_eq("uptime over what is left", detail.uptime.month, Some(100.0))
 }

@@ -12,8 +12,14 @@ use std::collections::BTreeMap;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use muster_common::monitor::{AgentHealth, CheckResult};
 use serde::Serialize;
 use uuid::Uuid;
+
+use crate::monitoring::{
+    Agent, Delivery, Endpoint, EndpointConfig, EndpointDetail, MaintenanceWindow, NewAgent,
+    NewMaintenanceWindow, Notification, Notifier, RecordOutcome, ResultFilter, StoredResult,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -612,6 +618,120 @@ pub trait Store: Send + Sync + 'static {
         presented_serial: &str,
         serial: &str,
         not_after: DateTime<Utc>,
+    ) -> Result<bool>;
+
+    // Monitoring (issue 6): agents, endpoints, results and their evaluation
+    // (the rules of `crate::monitoring::eval`, run in the transaction that
+    // stores the results), notifiers, maintenance windows, the outbox.
+    async fn create_agent(&self, agent: NewAgent) -> Result<Agent>;
+    /// The agent holding a token with this hash, unless revoked.
+    async fn authenticate_agent(&self, token_hash: &str) -> Result<Option<Agent>>;
+    async fn list_agents(&self, scope: Scope, page: Page) -> Result<(i64, Vec<Agent>)>;
+    /// Revokes an agent of the scope (its token is refused from now on);
+    /// where no other live agent checks its location, the location's states
+    /// turn `unknown`. `None`: no such agent in scope.
+    async fn revoke_agent(
+        &self,
+        scope: Scope,
+        id: Uuid,
+        now: DateTime<Utc>,
+    ) -> Result<Option<Agent>>;
+    /// Records a heartbeat. An agent that was silent is not any more: its
+    /// alert's resolve is queued. `None` for a revoked or unknown agent.
+    async fn agent_heartbeat(
+        &self,
+        id: Uuid,
+        health: &AgentHealth,
+        now: DateTime<Utc>,
+    ) -> Result<Option<Agent>>;
+    /// Claims the agents whose last heartbeat is older than `silent_before`
+    /// and that are not known silent yet, each for one caller only (several
+    /// coordinators run this): marks them silent, queues their alert, and
+    /// turns their locations `unknown` where no other live agent checks.
+    /// Returns the agents claimed.
+    async fn mark_silent_agents(
+        &self,
+        silent_before: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<Agent>>;
+
+    async fn create_endpoint(
+        &self,
+        org_id: Uuid,
+        config: &EndpointConfig,
+        now: DateTime<Utc>,
+    ) -> Result<Endpoint>;
+    /// Replaces an endpoint's configuration: states of locations it keeps
+    /// stay, new ones start `unknown`, and the status is settled again.
+    async fn update_endpoint(
+        &self,
+        scope: Scope,
+        id: Uuid,
+        config: &EndpointConfig,
+        now: DateTime<Utc>,
+    ) -> Result<Option<Endpoint>>;
+    /// Deletes an endpoint with its states and results.
+    async fn delete_endpoint(&self, scope: Scope, id: Uuid) -> Result<bool>;
+    async fn list_endpoints(&self, scope: Scope, page: Page) -> Result<(i64, Vec<Endpoint>)>;
+    /// An endpoint with its state at each location and its uptime up to `now`.
+    async fn endpoint_detail(
+        &self,
+        scope: Scope,
+        id: Uuid,
+        now: DateTime<Utc>,
+    ) -> Result<Option<EndpointDetail>>;
+    /// The endpoints of the agent's organization assigned to its location.
+    async fn endpoints_for_agent(&self, agent: &Agent) -> Result<Vec<Endpoint>>;
+    /// Stores results once by `(endpoint, id)`, refusing those for endpoints
+    /// not assigned to the agent's location in its organization, records
+    /// the report, and evaluates what was new (queuing notifications), in
+    /// one transaction.
+    async fn record_results(
+        &self,
+        agent: &Agent,
+        results: &[CheckResult],
+        now: DateTime<Utc>,
+    ) -> Result<RecordOutcome>;
+    /// An endpoint's stored results, newest first; `None`: no such endpoint
+    /// in scope.
+    async fn list_results(
+        &self,
+        scope: Scope,
+        endpoint_id: Uuid,
+        filter: &ResultFilter,
+        page: Page,
+    ) -> Result<Option<(i64, Vec<StoredResult>)>>;
+    /// Deletes up to `limit` results checked before `before` (and settled
+    /// notifications created before it); returns the results deleted.
+    async fn prune_results(&self, before: DateTime<Utc>, limit: i64) -> Result<u64>;
+
+    async fn create_notifier(&self, org_id: Uuid, kind: &str, url: &str) -> Result<Notifier>;
+    async fn list_notifiers(&self, scope: Scope) -> Result<Vec<Notifier>>;
+    async fn delete_notifier(&self, scope: Scope, id: Uuid) -> Result<bool>;
+    async fn create_maintenance_window(
+        &self,
+        window: NewMaintenanceWindow,
+    ) -> Result<MaintenanceWindow>;
+    async fn list_maintenance_windows(&self, scope: Scope) -> Result<Vec<MaintenanceWindow>>;
+    async fn delete_maintenance_window(&self, scope: Scope, id: Uuid) -> Result<bool>;
+    /// Claims up to `limit` due notifications for `owner` until
+    /// `lease_until`, oldest first, each subject's only after its earlier
+    /// ones to the same notifier are settled; a notification leased by
+    /// someone else is skipped until its lease runs out.
+    async fn claim_notifications(
+        &self,
+        owner: Uuid,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+        limit: i64,
+    ) -> Result<Vec<Notification>>;
+    /// Records how delivering went, if `owner` still holds the lease.
+    async fn settle_notification(
+        &self,
+        id: Uuid,
+        owner: Uuid,
+        outcome: &Delivery,
+        now: DateTime<Utc>,
     ) -> Result<bool>;
 }
 

@@ -63,6 +63,8 @@ use uuid::Uuid;
 
 use super::*;
 
+mod monitoring;
+
 /// Forward-only migrations, applied in order at open. The applied version is
 /// kept in the database header (`PRAGMA user_version`), written in the same
 /// transaction as the migration it records.
@@ -77,6 +79,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
         7,
         include_str!("migrations/sqlite/0007_cluster_settings.sql"),
     ),
+    (8, include_str!("migrations/sqlite/0008_monitoring.sql")),
 ];
 
 /// Read-only connections; reads beyond this many wait (asynchronously).
@@ -1771,6 +1774,154 @@ impl Store for SqliteStore {
             Ok(n == 1)
         })
         .await
+    }
+
+    async fn create_agent(&self, agent: NewAgent) -> Result<Agent> {
+        monitoring::create_agent(self, agent).await
+    }
+
+    async fn authenticate_agent(&self, token_hash: &str) -> Result<Option<Agent>> {
+        monitoring::authenticate_agent(self, token_hash).await
+    }
+
+    async fn list_agents(&self, scope: Scope, page: Page) -> Result<(i64, Vec<Agent>)> {
+        monitoring::list_agents(self, scope, page).await
+    }
+
+    async fn revoke_agent(
+        &self,
+        scope: Scope,
+        id: Uuid,
+        now: DateTime<Utc>,
+    ) -> Result<Option<Agent>> {
+        monitoring::revoke_agent(self, scope, id, now).await
+    }
+
+    async fn agent_heartbeat(
+        &self,
+        id: Uuid,
+        health: &AgentHealth,
+        now: DateTime<Utc>,
+    ) -> Result<Option<Agent>> {
+        monitoring::agent_heartbeat(self, id, health, now).await
+    }
+
+    async fn mark_silent_agents(
+        &self,
+        silent_before: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<Agent>> {
+        monitoring::mark_silent_agents(self, silent_before, now).await
+    }
+
+    async fn create_endpoint(
+        &self,
+        org_id: Uuid,
+        config: &EndpointConfig,
+        now: DateTime<Utc>,
+    ) -> Result<Endpoint> {
+        monitoring::create_endpoint(self, org_id, config, now).await
+    }
+
+    async fn update_endpoint(
+        &self,
+        scope: Scope,
+        id: Uuid,
+        config: &EndpointConfig,
+        now: DateTime<Utc>,
+    ) -> Result<Option<Endpoint>> {
+        monitoring::update_endpoint(self, scope, id, config, now).await
+    }
+
+    async fn delete_endpoint(&self, scope: Scope, id: Uuid) -> Result<bool> {
+        monitoring::delete_endpoint(self, scope, id).await
+    }
+
+    async fn list_endpoints(&self, scope: Scope, page: Page) -> Result<(i64, Vec<Endpoint>)> {
+        monitoring::list_endpoints(self, scope, page).await
+    }
+
+    async fn endpoint_detail(
+        &self,
+        scope: Scope,
+        id: Uuid,
+        now: DateTime<Utc>,
+    ) -> Result<Option<EndpointDetail>> {
+        monitoring::endpoint_detail(self, scope, id, now).await
+    }
+
+    async fn endpoints_for_agent(&self, agent: &Agent) -> Result<Vec<Endpoint>> {
+        monitoring::endpoints_for_agent(self, agent).await
+    }
+
+    async fn record_results(
+        &self,
+        agent: &Agent,
+        results: &[CheckResult],
+        now: DateTime<Utc>,
+    ) -> Result<RecordOutcome> {
+        monitoring::record_results(self, agent, results, now).await
+    }
+
+    async fn list_results(
+        &self,
+        scope: Scope,
+        endpoint_id: Uuid,
+        filter: &ResultFilter,
+        page: Page,
+    ) -> Result<Option<(i64, Vec<StoredResult>)>> {
+        monitoring::list_results(self, scope, endpoint_id, filter, page).await
+    }
+
+    async fn prune_results(&self, before: DateTime<Utc>, limit: i64) -> Result<u64> {
+        monitoring::prune_results(self, before, limit).await
+    }
+
+    async fn create_notifier(&self, org_id: Uuid, kind: &str, url: &str) -> Result<Notifier> {
+        monitoring::create_notifier(self, org_id, kind, url).await
+    }
+
+    async fn list_notifiers(&self, scope: Scope) -> Result<Vec<Notifier>> {
+        monitoring::list_notifiers(self, scope).await
+    }
+
+    async fn delete_notifier(&self, scope: Scope, id: Uuid) -> Result<bool> {
+        monitoring::delete_notifier(self, scope, id).await
+    }
+
+    async fn create_maintenance_window(
+        &self,
+        window: NewMaintenanceWindow,
+    ) -> Result<MaintenanceWindow> {
+        monitoring::create_maintenance_window(self, window).await
+    }
+
+    async fn list_maintenance_windows(&self, scope: Scope) -> Result<Vec<MaintenanceWindow>> {
+        monitoring::list_maintenance_windows(self, scope).await
+    }
+
+    async fn delete_maintenance_window(&self, scope: Scope, id: Uuid) -> Result<bool> {
+        monitoring::delete_maintenance_window(self, scope, id).await
+    }
+
+    async fn claim_notifications(
+        &self,
+        owner: Uuid,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+        limit: i64,
+    ) -> Result<Vec<Notification>> {
+        monitoring::claim_notifications(self, owner, now, lease_until, limit).await
+    }
+
+    async fn settle_notification(
+        &self,
+        id: Uuid,
+        owner: Uuid,
+        outcome: &Delivery,
+        now: DateTime<Utc>,
+    ) -> Result<bool> {
+        monitoring::settle_notification(self, id, owner, outcome, now).await
     }
 }
 

@@ -11,6 +11,7 @@ mod dev;
 mod faults;
 mod live;
 mod metrics;
+mod monitoring;
 mod openapi;
 mod pipeline;
 mod revocation;
