@@ -57,6 +57,15 @@ async fn loopback_answers_every_echo() {
 }
 
 #[tokio::test]
+async fn ipv6_loopback_answers_too() {
+    let e = endpoint("icmp", "::1", json!({"icmp": {"count": 2}}));
+    let r = check::run(&checker(), &e).await;
+    assert_eq!(r.verdict, Verdict::Up, "{r:#?}");
+    assert_eq!(r.measured.packet_loss_percent, Some(0.0));
+    assert_eq!(r.measured.ip.as_deref(), Some("::1"));
+}
+
+#[tokio::test]
 async fn a_host_name_is_resolved_first() {
     let e = endpoint("icmp", "localhost", json!({"icmp": {"count": 1}}));
     let r = check::run(&checker(), &e).await;
