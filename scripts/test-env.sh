@@ -2,7 +2,8 @@
 # Sets up, idempotently, everything Muster's test suite needs on this machine,
 # reusing whatever is already there:
 #
-#   - Debian packages: postgresql, redis-server, mmdebstrap, python3, python3-venv
+#   - Debian packages: postgresql, redis-server, mmdebstrap, python3, python3-venv,
+#     iproute2 (network namespaces of the agent's ICMP tests)
 #   - PostgreSQL 15 (cluster 15/main) running on 127.0.0.1:5432, with a role
 #     muster/muster (LOGIN, CREATEDB) reachable over TCP with a password
 #   - redis-server answering on 127.0.0.1:6379
@@ -25,7 +26,7 @@ PG_PORT=5432
 REDIS_PORT=6379
 DATABASE_URL="postgres://muster:muster@127.0.0.1:${PG_PORT}/postgres"
 REDIS_URL="redis://127.0.0.1:${REDIS_PORT}/"
-PACKAGES=(postgresql redis-server mmdebstrap python3 python3-venv)
+PACKAGES=(postgresql redis-server mmdebstrap python3 python3-venv iproute2)
 # Debian's python3, the one python3-venv completes, whatever else is on PATH.
 PYTHON=/usr/bin/python3
 VENV=${MUSTER_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/muster/venv}

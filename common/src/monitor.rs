@@ -133,6 +133,14 @@ pub struct Timings {
     pub tls_ms: Option<f64>,
     pub first_byte_ms: Option<f64>,
     pub total_ms: f64,
+    /// ICMP: the fastest, average and slowest echo round trip of the check
+    /// (the average is also `[RESPONSE_TIME]`). Absent for other kinds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rtt_min_ms: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rtt_avg_ms: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rtt_max_ms: Option<f64>,
 }
 
 /// What the TLS handshake showed.

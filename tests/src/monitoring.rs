@@ -159,6 +159,7 @@ pub fn check_result(endpoint: Uuid, at: DateTime<Utc>, verdict: Verdict) -> Chec
             tls_ms: Some(3.2),
             first_byte_ms: Some(8.1),
             total_ms: 12.0,
+            ..Timings::default()
         },
         tls: TlsInfo {
             version: Some("TLSv1.3".into()),
