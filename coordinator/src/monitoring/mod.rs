@@ -434,6 +434,13 @@ async fn watch_agents(
     shutdown: CancellationToken,
 ) {
     let every = (silence / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
+    // A coordinator that just started cannot tell an agent's silence from
+    // its own absence (every coordinator was down, say): agents get one
+    // silence period to say they are there before any is judged.
+    tokio::select! {
+        () = shutdown.cancelled() => return,
+        () = tokio::time::sleep(silence) => {}
+    }
     let silence = chrono::Duration::from_std(silence).unwrap_or(chrono::Duration::MAX);
     loop {
         tokio::select! {

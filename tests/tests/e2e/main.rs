@@ -1,6 +1,7 @@
 //! End-to-end tests against a real PostgreSQL, the real Docker daemon and
 //! real mTLS, one binary for the whole suite.
 
+mod agent;
 mod artifacts;
 mod bad_input;
 mod cancel;
