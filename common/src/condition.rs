@@ -152,6 +152,7 @@ pub struct ParseError {
 /// What a check measured, for conditions to look at. `None`: not measured
 /// (not this kind of check, or the check failed before it got there).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Measured {
     pub status: Option<u16>,
     pub response_time_ms: Option<f64>,

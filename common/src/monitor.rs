@@ -2,7 +2,8 @@
 //! the endpoints an agent is given (`GET /api/v1/agent/endpoints/`), the
 //! results it reports (`POST /api/v1/agent/results/`) and its heartbeat
 //! (`POST /api/v1/agent/health/`). Both sides use these types, so the wire
-//! format has one definition.
+//! format has one definition; with the `openapi` feature (the
+//! coordinator's) they are the schemas of its OpenAPI document too.
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -12,6 +13,7 @@ use crate::condition::Measured;
 
 /// The kinds of check an agent runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum CheckKind {
     Http,
@@ -35,6 +37,7 @@ impl CheckKind {
 /// [`crate::condition`]) and whether failing it makes the endpoint
 /// `degraded` rather than `down`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ConditionSpec {
     pub condition: String,
     #[serde(default)]
@@ -43,6 +46,7 @@ pub struct ConditionSpec {
 
 /// HTTP(S) check options.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(default)]
 pub struct HttpOptions {
     /// `GET` when empty.
@@ -58,6 +62,7 @@ pub struct HttpOptions {
 
 /// TCP check options: optionally send a line and expect a reply containing a text.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(default)]
 pub struct TcpOptions {
     pub send: Option<String>,
@@ -68,6 +73,7 @@ pub struct TcpOptions {
 
 /// ICMP echo options.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(default)]
 pub struct IcmpOptions {
     /// Echo requests per check.
@@ -82,6 +88,7 @@ impl Default for IcmpOptions {
 
 /// DNS query options. The target is the server (`host:port`, port 53 by default).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(default)]
 pub struct DnsOptions {
     pub name: String,
@@ -93,6 +100,7 @@ pub struct DnsOptions {
 
 /// An endpoint as an agent checks it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct EndpointSpec {
     pub id: Uuid,
     pub name: String,
@@ -118,6 +126,7 @@ pub struct EndpointSpec {
 /// `GET /api/v1/agent/endpoints/`: the agent's endpoints and their version
 /// (also the `ETag`; sent back as `If-None-Match`, answered 304 when unchanged).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct EndpointList {
     pub version: String,
     pub endpoints: Vec<EndpointSpec>,
@@ -127,6 +136,7 @@ pub struct EndpointList {
 /// connection. Absent phases did not happen (no TLS on `http://`) or were
 /// not reached.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Timings {
     pub dns_ms: Option<f64>,
     pub connect_ms: Option<f64>,
@@ -145,6 +155,7 @@ pub struct Timings {
 
 /// What the TLS handshake showed.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct TlsInfo {
     /// `TLSv1.3`, `TLSv1.2`.
     pub version: Option<String>,
@@ -154,6 +165,7 @@ pub struct TlsInfo {
 
 /// One condition's verdict.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ConditionResult {
     pub condition: String,
     pub ok: bool,
@@ -164,6 +176,7 @@ pub struct ConditionResult {
 
 /// The outcome of a check.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum Verdict {
     /// Every condition held.
@@ -177,6 +190,7 @@ pub enum Verdict {
 /// One check of one endpoint, as the agent reports it. `id` is made by the
 /// agent, so a batch replayed after the coordinator was away is stored once.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct CheckResult {
     pub id: Uuid,
     pub endpoint_id: Uuid,
@@ -195,12 +209,14 @@ pub struct CheckResult {
 
 /// `POST /api/v1/agent/results/`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ResultBatch {
     pub results: Vec<CheckResult>,
 }
 
 /// `POST /api/v1/agent/health/`: the agent's heartbeat.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct AgentHealth {
     pub version: String,
     /// The version of the endpoint list it runs.
@@ -208,6 +224,7 @@ pub struct AgentHealth {
     pub endpoints_version: Option<String>,
     /// Results kept on disk, not yet delivered.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(format = "uint64"))]
     pub buffered_results: u64,
     /// Checks per minute over the last minutes.
     #[serde(default)]

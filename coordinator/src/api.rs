@@ -18,7 +18,8 @@ use muster_common::pki::CertificateAuthority;
 use muster_common::plan::{self, PlanError};
 use muster_common::token::{self, TokenKind};
 use muster_common::workspace::{self, LoadedWorkspace};
-use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
@@ -33,7 +34,7 @@ use crate::store::{
     Runner, Scope, Store, Workspace,
 };
 
-mod openapi;
+pub(crate) mod openapi;
 
 #[derive(Clone)]
 pub struct AppState {
@@ -47,12 +48,11 @@ pub struct AppState {
     pub metrics: Arc<crate::metrics::Metrics>,
 }
 
-type ApiResult<T> = Result<T, ServiceError>;
+pub(crate) type ApiResult<T> = Result<T, ServiceError>;
 
 pub fn router(state: AppState) -> Router {
     let (endpoints, _) = endpoints().split_for_parts();
     endpoints
-        .merge(crate::monitoring::api::routes())
         .fallback(|| async {
             ServiceError::not_found("no such endpoint; the API lives under /api/v1/")
         })
@@ -93,6 +93,7 @@ fn endpoints() -> OpenApiRouter<AppState> {
         .routes(routes!(list_runners))
         .routes(routes!(revoke_runner))
         .routes(routes!(create_join_token))
+        .merge(crate::monitoring::api::routes())
 }
 
 /// The OpenAPI document of the API, as `/api/v1/schema/` serves it.
@@ -144,41 +145,113 @@ async fn readyz(State(state): State<AppState>) -> Response {
     }
 }
 
-// ---- helpers ------------------------------------------------------------
+// ---- helpers (the monitoring routes share them) ----------------------------
 
-fn time(t: DateTime<Utc>) -> String {
+pub(crate) fn time(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::Millis, true)
 }
 
-fn opt_time(t: Option<DateTime<Utc>>) -> Value {
+pub(crate) fn opt_time(t: Option<DateTime<Utc>>) -> Value {
     t.map(|t| Value::String(time(t))).unwrap_or(Value::Null)
 }
 
-fn json_body<T: serde::Serialize>(body: Result<Json<T>, JsonRejection>) -> ApiResult<T> {
-    match body {
-        Ok(Json(v)) => {
-            let value = serde_json::to_value(&v)
-                .map_err(|e| ServiceError::new(Code::Internal, e.to_string()))?;
-            no_nul_in_json("", &value)?;
-            Ok(v)
-        }
-        Err(rejection) => {
-            let code = if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                Code::TooLarge
-            } else {
-                Code::BadRequest
+/// A request's JSON body, as handlers take it: read as a `Value` first, for
+/// [`json_body`] to turn into the type the handler wants.
+pub(crate) type JsonBody = Result<Json<Value>, JsonRejection>;
+
+/// A JSON body as a `T`, or a refusal that says what was wrong, naming the
+/// field: 413 over the body limit, 400 otherwise (text with a NUL too).
+pub(crate) fn json_body<T: DeserializeOwned + Serialize>(body: JsonBody) -> ApiResult<T> {
+    json_body_as(body, Code::BadRequest)
+}
+
+/// [`json_body`], but well-formed JSON of the wrong shape (a field missing,
+/// a string for a number) is refused with `wrong_shape`: the monitoring
+/// routes answer 422 for that, as for every bad field of theirs.
+pub(crate) fn json_body_as<T: DeserializeOwned + Serialize>(
+    body: JsonBody,
+    wrong_shape: Code,
+) -> ApiResult<T> {
+    let (v, sent) = parse_json_body(body, wrong_shape)?;
+    no_nul_in_json("", &sent)?;
+    Ok(v)
+}
+
+/// [`json_body_as`] without the NUL check, for a route that checks the
+/// parts of its body one by one; with the JSON as it was sent.
+///
+/// Read through a `Value`, not straight into `T`, because serde's derive
+/// also takes a struct written as an array of its fields in order
+/// (`"tls": [null, null]`): the document says an object, and so does the
+/// API, naming where one was expected.
+pub(crate) fn parse_json_body<T: DeserializeOwned + Serialize>(
+    body: JsonBody,
+    wrong_shape: Code,
+) -> ApiResult<(T, Value)> {
+    let Json(sent) = body.map_err(|rejection| {
+        let code = if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            Code::TooLarge
+        } else {
+            Code::BadRequest
+        };
+        ServiceError::new(
+            code,
+            format!("invalid JSON body: {}", rejection.body_text()),
+        )
+    })?;
+    let v: T = serde_path_to_error::deserialize(&sent).map_err(|e| {
+        let at = e.path().to_string();
+        let what = e.into_inner();
+        let message = if at == "." {
+            format!("invalid JSON body: {what}")
+        } else {
+            format!("invalid JSON body: {at}: {what}")
+        };
+        ServiceError::new(wrong_shape, message)
+    })?;
+    let read =
+        serde_json::to_value(&v).map_err(|e| ServiceError::new(Code::Internal, e.to_string()))?;
+    no_array_for_object("", &sent, &read).map_err(|at| {
+        ServiceError::new(
+            wrong_shape,
+            format!("invalid JSON body: {at}: expected an object, found an array"),
+        )
+    })?;
+    Ok((v, sent))
+}
+
+/// Where `sent` holds an array that was read as a struct (`read` is what
+/// was read, written back), the path to it.
+fn no_array_for_object(at: &str, sent: &Value, read: &Value) -> Result<(), String> {
+    match (sent, read) {
+        (Value::Array(_), Value::Object(_)) => Err(if at.is_empty() {
+            "body".to_owned()
+        } else {
+            at.to_owned()
+        }),
+        (Value::Array(sent), Value::Array(read)) => sent
+            .iter()
+            .zip(read)
+            .enumerate()
+            .try_for_each(|(i, (s, r))| no_array_for_object(&format!("{at}[{i}]"), s, r)),
+        (Value::Object(sent), Value::Object(read)) => sent.iter().try_for_each(|(key, s)| {
+            let Some(r) = read.get(key) else {
+                return Ok(());
             };
-            Err(ServiceError::new(
-                code,
-                format!("invalid JSON body: {}", rejection.body_text()),
-            ))
-        }
+            let at = if at.is_empty() {
+                key.clone()
+            } else {
+                format!("{at}.{key}")
+            };
+            no_array_for_object(&at, s, r)
+        }),
+        _ => Ok(()),
     }
 }
 
 /// Refuses text holding a NUL character, naming the field: PostgreSQL
 /// cannot store or compare it, and no name or path holds one.
-fn no_nul(field: &str, value: &str) -> ApiResult<()> {
+pub(crate) fn no_nul(field: &str, value: &str) -> ApiResult<()> {
     if value.contains('\0') {
         return Err(ServiceError::bad_request(format!(
             "{field}: contains a NUL character (\\u0000), which no text here may hold"
@@ -188,7 +261,7 @@ fn no_nul(field: &str, value: &str) -> ApiResult<()> {
 }
 
 /// `no_nul` over every key and string of a JSON body; `at` is the path so far.
-fn no_nul_in_json(at: &str, value: &Value) -> ApiResult<()> {
+pub(crate) fn no_nul_in_json(at: &str, value: &Value) -> ApiResult<()> {
     let field = |key: &str| {
         if at.is_empty() {
             key.to_owned()
@@ -221,7 +294,7 @@ pub struct PageQuery {
     page_size: Option<String>,
 }
 
-fn page_of(q: &PageQuery) -> ApiResult<Page> {
+pub(crate) fn page_of(q: &PageQuery) -> ApiResult<Page> {
     let parse = |v: &Option<String>, name: &str, default: u32, max: u32| -> ApiResult<u32> {
         match v {
             None => Ok(default),
@@ -241,7 +314,7 @@ fn page_of(q: &PageQuery) -> ApiResult<Page> {
 
 /// `{count, next, previous, results}` with links that keep the other query
 /// parameters.
-fn paginated(
+pub(crate) fn paginated(
     uri: &axum::http::Uri,
     headers: &HeaderMap,
     page: Page,
@@ -271,6 +344,11 @@ fn paginated(
     json!({ "count": count, "next": next, "previous": previous, "results": results })
 }
 
+/// A list that is never long, in the paginated shape, on one page.
+pub(crate) fn listing(results: Vec<Value>) -> Value {
+    json!({ "count": results.len(), "next": null, "previous": null, "results": results })
+}
+
 fn base_url(headers: &HeaderMap) -> String {
     headers
         .get(header::HOST)
@@ -283,8 +361,18 @@ fn run_not_found(id: Uuid) -> ServiceError {
     ServiceError::not_found(format!("run '{id}' not found"))
 }
 
-fn parse_id(s: &str, what: &str) -> ApiResult<Uuid> {
+/// An id from a path: one that is not a UUID names nothing there is.
+pub(crate) fn parse_id(s: &str, what: &str) -> ApiResult<Uuid> {
     Uuid::parse_str(s).map_err(|_| ServiceError::not_found(format!("{what} '{s}' not found")))
+}
+
+/// A store error, with `what` as the message when it is a conflict (a name
+/// that is taken).
+pub(crate) fn conflict(e: crate::store::StoreError, what: String) -> ServiceError {
+    match e {
+        crate::store::StoreError::Conflict(_) => ServiceError::new(Code::Conflict, what),
+        other => other.into(),
+    }
 }
 
 // ---- organizations ------------------------------------------------------
@@ -317,10 +405,10 @@ pub struct NewOrganization {
 async fn create_organization(
     State(state): State<AppState>,
     caller: Caller,
-    body: Result<Json<NewOrganization>, JsonRejection>,
+    body: JsonBody,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     caller.require(Role::SuperAdmin, "create organizations")?;
-    let body = json_body(body)?;
+    let body: NewOrganization = json_body(body)?;
     if !workspace::is_valid_name(&body.name) {
         return Err(ServiceError::bad_request(format!(
             "name: '{}' is not a valid name (letters first, then letters, digits, '-', '_' or '/')",
@@ -331,13 +419,7 @@ async fn create_organization(
         .store
         .create_organization(&body.name)
         .await
-        .map_err(|e| match e {
-            crate::store::StoreError::Conflict(_) => ServiceError::new(
-                Code::Conflict,
-                format!("organization '{}' already exists", body.name),
-            ),
-            other => other.into(),
-        })?;
+        .map_err(|e| conflict(e, format!("organization '{}' already exists", body.name)))?;
     Ok((StatusCode::CREATED, Json(organization_json(&org))))
 }
 
@@ -353,10 +435,7 @@ async fn list_organizations(
     caller: Caller,
 ) -> ApiResult<Json<Value>> {
     let orgs = state.store.list_organizations(caller.scope()).await?;
-    let count = orgs.len();
-    Ok(Json(
-        json!({ "count": count, "next": null, "previous": null, "results": orgs.iter().map(organization_json).collect::<Vec<_>>() }),
-    ))
+    Ok(Json(listing(orgs.iter().map(organization_json).collect())))
 }
 
 // ---- API keys -----------------------------------------------------------
@@ -413,9 +492,9 @@ pub struct NewApiKeyBody {
 async fn create_api_key(
     State(state): State<AppState>,
     caller: Caller,
-    body: Result<Json<NewApiKeyBody>, JsonRejection>,
+    body: JsonBody,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
-    let body = json_body(body)?;
+    let body: NewApiKeyBody = json_body(body)?;
     if body.name.trim().is_empty() || body.name.len() > 128 {
         return Err(ServiceError::bad_request(
             "name: expected 1 to 128 characters",
@@ -472,12 +551,11 @@ async fn create_api_key(
                 .store
                 .create_identity(org_id, name, role)
                 .await
-                .map_err(|e| match e {
-                    crate::store::StoreError::Conflict(_) => ServiceError::new(
-                        Code::Conflict,
+                .map_err(|e| {
+                    conflict(
+                        e,
                         format!("identity '{name}' already exists in that organization"),
-                    ),
-                    other => other.into(),
+                    )
                 })?
         }
     };
@@ -967,9 +1045,9 @@ async fn trigger(
     Path(name): Path<String>,
     Query(q): Query<OrgQuery>,
     headers: HeaderMap,
-    body: Result<Json<TriggerBody>, JsonRejection>,
+    body: JsonBody,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
-    let body = json_body(body)?;
+    let body: TriggerBody = json_body(body)?;
     let ws = find_workspace(&state, &caller, &name, q.organization.as_deref()).await?;
     caller.require(Role::User, "trigger runs")?;
     let extra_vars = match body.parameters.extra_vars {
@@ -1084,7 +1162,7 @@ async fn trigger_with_slash(
     name: Path<String>,
     q: Query<OrgQuery>,
     headers: HeaderMap,
-    body: Result<Json<TriggerBody>, JsonRejection>,
+    body: JsonBody,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     trigger(state, caller, name, q, headers, body).await
 }
@@ -1235,9 +1313,7 @@ async fn list_artifacts(
             })
         })
         .collect();
-    Ok(Json(
-        json!({ "count": results.len(), "next": null, "previous": null, "results": results }),
-    ))
+    Ok(Json(listing(results)))
 }
 
 #[utoipa::path(
@@ -1552,13 +1628,13 @@ pub struct JoinTokenBody {
 async fn create_join_token(
     State(state): State<AppState>,
     caller: Caller,
-    body: Result<Json<Option<JoinTokenBody>>, JsonRejection>,
+    body: JsonBody,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     caller.require(Role::OrgAdmin, "create runner join tokens")?;
     // No JSON body, or `null`, asks for the defaults.
     let body = match body {
         Err(JsonRejection::MissingJsonContentType(_)) => None,
-        body => json_body(body)?,
+        body => json_body::<Option<JoinTokenBody>>(body)?,
     }
     .unwrap_or_default();
     let expires_in = body.expires_in.unwrap_or(3600);
@@ -1610,4 +1686,60 @@ async fn create_join_token(
             "organization": body.organization,
         })),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, Deserialize, Serialize, PartialEq)]
+    struct Outer {
+        inner: Option<Inner>,
+        #[serde(default)]
+        pairs: Vec<(String, String)>,
+    }
+
+    #[derive(Debug, Deserialize, Serialize, PartialEq)]
+    struct Inner {
+        a: Option<u32>,
+        b: Option<String>,
+    }
+
+    fn read(body: Value) -> ApiResult<Outer> {
+        parse_json_body(Ok(Json(body)), Code::Unprocessable).map(|(v, _)| v)
+    }
+
+    #[test]
+    fn bodies_name_the_field_that_has_the_wrong_type() {
+        let error = read(json!({"inner": {"a": "x"}})).expect_err("refused");
+        assert_eq!(error.code, Code::Unprocessable);
+        assert!(
+            error
+                .message
+                .starts_with("invalid JSON body: inner.a: invalid type"),
+            "{}",
+            error.message
+        );
+    }
+
+    #[test]
+    fn an_object_written_as_an_array_is_refused_where_it_is() {
+        // serde alone reads both as the struct.
+        assert!(serde_json::from_value::<Outer>(json!({"inner": [1, "x"]})).is_ok());
+        assert!(serde_json::from_value::<Outer>(json!([null, []])).is_ok());
+        for (body, at) in [
+            (json!({"inner": [1, "x"]}), "inner"),
+            (json!([null, []]), "body"),
+        ] {
+            let error = read(body).expect_err("refused");
+            assert_eq!(error.code, Code::Unprocessable);
+            assert_eq!(
+                error.message,
+                format!("invalid JSON body: {at}: expected an object, found an array")
+            );
+        }
+        // Arrays where the type has them pass.
+        let read = read(json!({"inner": {"a": 1}, "pairs": [["k", "v"]]})).expect("read");
+        assert_eq!(read.pairs, [("k".to_owned(), "v".to_owned())]);
+    }
 }

@@ -3,10 +3,11 @@
 //! It is generated, not written: every endpoint is registered in
 //! `api::endpoints` together with the `#[utoipa::path]` description on its
 //! handler, so the router and the document come from one list. This module
-//! adds what is common to them all (the bearer scheme, the 401 and 503 every
-//! authenticated endpoint can answer) and the schemas of the JSON the
-//! handlers build with `json!`, which `response_schema_conformance` in the
-//! schemathesis test (tests/tests/e2e/openapi.rs) holds to what they send.
+//! adds what is common to them all (the two bearer schemes, the 401, 403
+//! and 503 every authenticated endpoint can answer) and the schemas of the
+//! JSON the handlers build with `json!`, which `response_schema_conformance`
+//! in the schemathesis test (tests/tests/e2e/openapi.rs) holds to what they
+//! send. The monitoring routes keep theirs in `monitoring/api/openapi.rs`.
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -28,19 +29,57 @@ use uuid::Uuid;
 
 use crate::store::{Role, RunStatus};
 
-/// The security scheme every endpoint but the public ones requires.
+/// The security scheme every endpoint requires but the public ones and
+/// the agent routes.
 const BEARER: &str = "api_key";
 
+/// The security scheme of the agent routes (`security(("agent_token" = []))`
+/// on their handlers): a monitoring agent's token, which opens nothing else.
+const AGENT_TOKEN: &str = "agent_token";
+
+/// Who may call an operation, from the security its handler declares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Guard {
+    /// `security(())`: anyone.
+    Public,
+    /// The document's default: an API key.
+    ApiKey,
+    /// A monitoring agent's token.
+    AgentToken,
+}
+
+fn guard(operation: &Operation) -> Guard {
+    match &operation.security {
+        None => Guard::ApiKey,
+        Some(requirements)
+            if requirements
+                .contains(&SecurityRequirement::new(AGENT_TOKEN, Vec::<String>::new())) =>
+        {
+            Guard::AgentToken
+        }
+        Some(requirements)
+            if requirements
+                .iter()
+                .all(|r| *r == SecurityRequirement::default()) =>
+        {
+            Guard::Public
+        }
+        Some(_) => Guard::ApiKey,
+    }
+}
+
 /// The document with what `api::endpoints` does not add: info, the bearer
-/// scheme as the default requirement.
+/// schemes, API keys as the default requirement.
 pub(super) fn base() -> OpenApi {
     let info = InfoBuilder::new()
         .title("Muster API")
         .version(env!("CARGO_PKG_VERSION"))
         .description(Some(
-            "Muster's coordinator API: workspaces, action runs, runners, API keys. \
-             Every request but /healthz, /readyz and this document carries \
-             `Authorization: Bearer <API key>` (keys start with `poly_`). \
+            "Muster's coordinator API: workspaces, action runs, runners, API keys, \
+             endpoint monitoring. Every request but /healthz, /readyz, this \
+             document and the agent routes carries `Authorization: Bearer <API key>` \
+             (keys start with `poly_`); the agent routes (/api/v1/agent/…) take a \
+             monitoring agent's token instead (`agt_…`), which opens nothing else. \
              Errors answer `{\"detail\": \"...\"}` naming what was wrong.",
         ))
         .build();
@@ -62,37 +101,64 @@ pub(super) fn base() -> OpenApi {
                 .build(),
         ),
     );
+    components.add_security_scheme(
+        AGENT_TOKEN,
+        SecurityScheme::Http(
+            HttpBuilder::new()
+                .scheme(HttpAuthScheme::Bearer)
+                .bearer_format("agt_…")
+                .description(Some(
+                    "a monitoring agent's token, `agt_…`, given when the agent was created",
+                ))
+                .build(),
+        ),
+    );
     doc
 }
 
 /// Completes the document `api::endpoints` collected.
 pub(super) fn finish(mut doc: OpenApi) -> OpenApi {
     let components = doc.components.get_or_insert_with(Default::default);
-    components.responses.insert(
-        "Unauthorized".into(),
-        RefOr::T(
-            ResponseBuilder::new()
-                .description("no, an unknown, an expired or a revoked API key")
-                .header(
-                    "WWW-Authenticate",
-                    HeaderBuilder::new()
-                        .schema(ObjectBuilder::new().schema_type(Type::String))
-                        .description(Some("`Bearer`"))
-                        .build(),
-                )
-                .content("application/json", problem_content())
-                .build(),
+    // The answers many operations share; the first two challenge the caller
+    // to authenticate.
+    for (name, description, challenge) in [
+        (
+            "Unauthorized",
+            "no, an unknown, an expired or a revoked API key",
+            true,
         ),
-    );
-    components.responses.insert(
-        "Unavailable".into(),
-        RefOr::T(
-            ResponseBuilder::new()
-                .description("the database is unavailable; try again")
-                .content("application/json", problem_content())
-                .build(),
+        (
+            "AgentUnauthorized",
+            "no, an unknown or a revoked agent token",
+            true,
         ),
-    );
+        (
+            "NotForAgents",
+            "an agent token: agents may use the agent routes only",
+            false,
+        ),
+        (
+            "Unavailable",
+            "the database is unavailable; try again",
+            false,
+        ),
+    ] {
+        let mut response = ResponseBuilder::new()
+            .description(description)
+            .content("application/json", problem_content());
+        if challenge {
+            response = response.header(
+                "WWW-Authenticate",
+                HeaderBuilder::new()
+                    .schema(ObjectBuilder::new().schema_type(Type::String))
+                    .description(Some("`Bearer`"))
+                    .build(),
+            );
+        }
+        components
+            .responses
+            .insert(name.into(), RefOr::T(response.build()));
+    }
     components
         .schemas
         .insert(Problem::name().into_owned(), Problem::schema());
@@ -100,18 +166,24 @@ pub(super) fn finish(mut doc: OpenApi) -> OpenApi {
     let paths = std::mem::take(&mut doc.paths.paths);
     for (path, mut item) in paths {
         for operation in operations(&mut item) {
-            // `security(())` on a handler marks it public; the others take
-            // the document's bearer requirement and can fail to authenticate
-            // or to reach the database.
-            let public = operation.security.is_some();
-            if !public {
-                for (status, name) in [("401", "Unauthorized"), ("503", "Unavailable")] {
-                    operation
-                        .responses
-                        .responses
-                        .entry(status.into())
-                        .or_insert_with(|| RefOr::Ref(Ref::from_response_name(name)));
-                }
+            // Authenticated operations can fail to authenticate or to reach
+            // the database; an agent token on any but the agent routes is
+            // refused (the agent routes document their refusal of API keys).
+            let common: &[(&str, &str)] = match guard(operation) {
+                Guard::Public => &[],
+                Guard::ApiKey => &[
+                    ("401", "Unauthorized"),
+                    ("403", "NotForAgents"),
+                    ("503", "Unavailable"),
+                ],
+                Guard::AgentToken => &[("401", "AgentUnauthorized"), ("503", "Unavailable")],
+            };
+            for (status, name) in common {
+                operation
+                    .responses
+                    .responses
+                    .entry((*status).into())
+                    .or_insert_with(|| RefOr::Ref(Ref::from_response_name(*name)));
             }
         }
         doc.paths.paths.insert(openapi_path(&path), item);
@@ -188,7 +260,7 @@ pub(super) fn retries_schema() -> Object {
         .build()
 }
 
-pub(super) use shapes::*;
+pub(crate) use shapes::*;
 
 /// Types that describe JSON for the document; none is ever built.
 #[allow(dead_code)]
@@ -258,14 +330,14 @@ mod shapes {
 
     /// The body of every error answer.
     #[derive(ToSchema)]
-    pub(in crate::api) struct Problem {
+    pub(crate) struct Problem {
         /// What was wrong, naming the field or value.
         detail: String,
     }
 
     /// One page of a list.
     #[derive(ToSchema)]
-    pub(in crate::api) struct Paginated<T: ToSchema> {
+    pub(crate) struct Paginated<T: ToSchema> {
         /// How many there are in all.
         count: i64,
         /// The next page's URL, null on the last.
@@ -601,11 +673,28 @@ mod tests {
                 let id = operation["operationId"].as_str().expect("an operation id");
                 assert!(ids.insert(id.to_owned()), "operation id {id} is not unique");
                 let responses = operation["responses"].as_object().expect("responses");
-                let public = operation.get("security").is_some();
+                let security = &operation["security"];
+                let public = *security == serde_json::json!([{}]);
+                let agent = path.starts_with("/api/v1/agent/");
                 assert_eq!(
-                    !public,
-                    responses.contains_key("401"),
-                    "{method} {path}: 401 is documented where an API key is required"
+                    agent,
+                    *security == serde_json::json!([{ "agent_token": [] }]),
+                    "{method} {path}: the agent routes, and only they, take the agent token"
+                );
+                assert!(
+                    public || agent || security.is_null(),
+                    "{method} {path}: {security}"
+                );
+                for status in ["401", "403"] {
+                    assert_eq!(
+                        !public,
+                        responses.contains_key(status),
+                        "{method} {path}: {status} is documented where a token is required"
+                    );
+                }
+                assert!(
+                    public || responses.contains_key("503"),
+                    "{method} {path}: 503 is documented where the database is asked"
                 );
                 for (status, response) in responses {
                     if status.starts_with('4') {

@@ -1,6 +1,7 @@
 //! The monitoring routes, merged into the HTTP API by [`routes`]. JSON
 //! shapes of monitoring live here (the agents' wire types are
-//! `muster_common::monitor`).
+//! `muster_common::monitor`). They read bodies with `crate::api`'s helpers
+//! and answer 422 for a bad field, JSON of the wrong shape included.
 //!
 //! People, with API keys (viewers read; workspace admins and above write
 //! endpoints, notifiers and maintenance windows; org admins and above
@@ -23,28 +24,31 @@
 //!   an agent can drop those from its buffer; refused ones will never be
 //!   taken and should be dropped too.
 //!
-//! OpenAPI: these routes are not annotated yet; the utoipa annotations are
-//! being added to `crate::api` on another branch and should cover this
-//! module when it lands.
+//! OpenAPI: each handler carries its `#[utoipa::path]`; [`routes`] is
+//! merged into `crate::api::endpoints`, so the router and the document
+//! come from one list. The schemas of the JSON built here are in
+//! `openapi` (this module's).
 
 use std::collections::BTreeSet;
 
-use axum::extract::rejection::JsonRejection;
 use axum::extract::{DefaultBodyLimit, OriginalUri, Path, Query};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post};
-use axum::{Extension, Json, Router};
-use chrono::{DateTime, SecondsFormat, Utc};
+use axum::{Extension, Json};
+use chrono::{DateTime, Datelike, Utc};
 use muster_common::condition::Condition;
 use muster_common::monitor::{
-    AgentHealth, CheckKind, ConditionSpec, DnsOptions, EndpointList, HttpOptions, IcmpOptions,
-    ResultBatch, TcpOptions,
+    AgentHealth, CheckKind, CheckResult, ConditionSpec, DnsOptions, EndpointList, HttpOptions,
+    IcmpOptions, ResultBatch, TcpOptions,
 };
 use muster_common::token::{self, TokenKind};
-use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 use uuid::Uuid;
 
 use super::{
@@ -52,12 +56,16 @@ use super::{
     MaintenanceWindow, Monitoring, NewAgent, NewMaintenanceWindow, Notifier, Refused, ResultFilter,
     StoredResult, MAX_BATCH,
 };
-use crate::api::AppState;
+use crate::api::{
+    conflict, json_body_as, listing, no_nul_in_json, opt_time, page_of, paginated, parse_id,
+    parse_json_body, time, ApiResult, AppState, JsonBody, PageQuery,
+};
 use crate::auth::{AgentCaller, Caller};
 use crate::error::{Code, ServiceError};
-use crate::store::{Page, Role, StoreError};
+use crate::store::Role;
 
-type ApiResult<T> = Result<T, ServiceError>;
+mod openapi;
+
 type State = axum::extract::State<AppState>;
 
 /// A full batch with bodies kept is larger than the API's usual 1 MiB.
@@ -68,140 +76,31 @@ const MAX_LOCATIONS: usize = 32;
 const MAX_CONDITIONS: usize = 32;
 const MAX_WINDOW_ENDPOINTS: usize = 100;
 
-/// The monitoring routes, for `crate::api::router` to merge. They need the
-/// [`Monitoring`] context as a request extension (set in `crate::start`).
-pub fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/api/v1/agents/", get(list_agents).post(create_agent))
-        .route("/api/v1/agents/{id}/", delete(revoke_agent))
-        .route("/api/v1/agent/health/", post(agent_health))
-        .route("/api/v1/agent/endpoints/", get(agent_endpoints))
-        .route(
-            "/api/v1/agent/results/",
-            post(agent_results).layer(DefaultBodyLimit::max(RESULTS_BODY_LIMIT)),
-        )
-        .route(
-            "/api/v1/endpoints/",
-            get(list_endpoints).post(create_endpoint),
-        )
-        .route(
-            "/api/v1/endpoints/{id}/",
-            get(get_endpoint)
-                .put(update_endpoint)
-                .delete(delete_endpoint),
-        )
-        .route("/api/v1/endpoints/{id}/results/", get(list_results))
-        .route(
-            "/api/v1/notifiers/",
-            get(list_notifiers).post(create_notifier),
-        )
-        .route("/api/v1/notifiers/{id}/", delete(delete_notifier))
-        .route(
-            "/api/v1/maintenance-windows/",
-            get(list_windows).post(create_window),
-        )
-        .route("/api/v1/maintenance-windows/{id}/", delete(delete_window))
+/// The monitoring routes with their OpenAPI descriptions, for
+/// `crate::api::endpoints` to merge. They need the [`Monitoring`] context
+/// as a request extension (set in `crate::start`).
+pub(crate) fn routes() -> OpenApiRouter<AppState> {
+    let (schemas, paths, results) = routes!(agent_results);
+    let results = results.layer(DefaultBodyLimit::max(RESULTS_BODY_LIMIT));
+    OpenApiRouter::new()
+        .routes(routes!(list_agents, create_agent))
+        .routes(routes!(revoke_agent))
+        .routes(routes!(agent_health))
+        .routes(routes!(agent_endpoints))
+        .routes((schemas, paths, results))
+        .routes(routes!(list_endpoints, create_endpoint))
+        .routes(routes!(get_endpoint, update_endpoint, delete_endpoint))
+        .routes(routes!(list_results))
+        .routes(routes!(list_notifiers, create_notifier))
+        .routes(routes!(delete_notifier))
+        .routes(routes!(list_windows, create_window))
+        .routes(routes!(delete_window))
 }
 
-// ---- helpers (the API's conventions, as crate::api keeps them) -----------
-
-fn time(t: DateTime<Utc>) -> String {
-    t.to_rfc3339_opts(SecondsFormat::Millis, true)
-}
-
-fn opt_time(t: Option<DateTime<Utc>>) -> Value {
-    t.map(|t| Value::String(time(t))).unwrap_or(Value::Null)
-}
-
-/// A JSON body: malformed JSON is a 400, JSON of the wrong shape a 422.
-fn json_body<T>(body: Result<Json<T>, JsonRejection>) -> ApiResult<T> {
-    match body {
-        Ok(Json(v)) => Ok(v),
-        Err(rejection) => {
-            let code = match &rejection {
-                _ if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => Code::TooLarge,
-                JsonRejection::JsonDataError(_) => Code::Unprocessable,
-                _ => Code::BadRequest,
-            };
-            Err(ServiceError::new(
-                code,
-                format!("invalid JSON body: {}", rejection.body_text()),
-            ))
-        }
-    }
-}
-
-fn parse_id(s: &str, what: &str) -> ApiResult<Uuid> {
-    Uuid::parse_str(s).map_err(|_| ServiceError::not_found(format!("{what} '{s}' not found")))
-}
-
-#[derive(Debug, Deserialize)]
-pub struct PageQuery {
-    page: Option<String>,
-    page_size: Option<String>,
-}
-
-fn page_of(q: &PageQuery) -> ApiResult<Page> {
-    let parse = |v: &Option<String>, name: &str, default: u32, max: u32| -> ApiResult<u32> {
-        match v {
-            None => Ok(default),
-            Some(s) => match s.parse::<u32>() {
-                Ok(n) if (1..=max).contains(&n) => Ok(n),
-                _ => Err(ServiceError::bad_request(format!(
-                    "{name}: expected a whole number from 1 to {max}, found '{s}'"
-                ))),
-            },
-        }
-    };
-    Ok(Page {
-        page: parse(&q.page, "page", 1, u32::MAX / 1000)?,
-        page_size: parse(&q.page_size, "page_size", 50, 500)?,
-    })
-}
-
-/// `{count, next, previous, results}`, with links that keep the other
-/// query parameters.
-fn paginated(
-    uri: &axum::http::Uri,
-    headers: &HeaderMap,
-    page: Page,
-    count: i64,
-    results: Vec<Value>,
-) -> Value {
-    let host = headers
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .map(|h| format!("http://{h}"))
-        .unwrap_or_default();
-    let link = |n: u32| {
-        let mut query: Vec<String> = uri
-            .query()
-            .unwrap_or("")
-            .split('&')
-            .filter(|kv| !kv.is_empty() && !kv.starts_with("page="))
-            .map(str::to_owned)
-            .collect();
-        query.push(format!("page={n}"));
-        format!("{host}{}?{}", uri.path(), query.join("&"))
-    };
-    let last_page = (count.max(0) as u64)
-        .div_ceil(u64::from(page.page_size))
-        .max(1);
-    let next = (u64::from(page.page) < last_page).then(|| link(page.page + 1));
-    let previous = (page.page > 1).then(|| link(page.page - 1));
-    json!({ "count": count, "next": next, "previous": previous, "results": results })
-}
-
-/// An unpaginated list in the paginated shape.
-fn listing(results: Vec<Value>) -> Value {
-    json!({ "count": results.len(), "next": null, "previous": null, "results": results })
-}
-
-fn conflict(e: StoreError, what: String) -> ServiceError {
-    match e {
-        StoreError::Conflict(_) => ServiceError::new(Code::Conflict, what),
-        other => other.into(),
-    }
+/// A JSON body of a monitoring route: JSON of the wrong shape is a 422, as
+/// every bad field of theirs is.
+fn json_body<T: DeserializeOwned + Serialize>(body: JsonBody) -> ApiResult<T> {
+    json_body_as(body, Code::Unprocessable)
 }
 
 /// A name people give (agents, endpoints): 1 to 128 characters, no control
@@ -260,20 +159,41 @@ fn agent_json(a: &Agent, m: &Monitoring, now: DateTime<Utc>) -> Value {
     })
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewAgentBody {
+    /// 1 to 128 characters, no control characters; unique in the organization.
+    #[schema(min_length = 1, max_length = 128)]
     name: String,
+    /// Where the agent runs: it checks the endpoints assigned to this location.
+    #[schema(schema_with = openapi::location_schema)]
     location: String,
 }
 
+/// Create a monitoring agent (org admins)
+///
+/// The answer holds the agent's token, this once.
+#[utoipa::path(
+    post,
+    path = "/api/v1/agents/",
+    tag = "monitoring",
+    request_body = NewAgentBody,
+    responses(
+        (status = 201, description = "created", body = openapi::CreatedAgent),
+        (status = 400, description = "the body is not JSON, or holds a NUL character", body = openapi::Problem),
+        (status = 403, description = "only org admins create agents", body = openapi::Problem),
+        (status = 409, description = "an agent of that name exists in the organization", body = openapi::Problem),
+        (status = 413, description = "the body is larger than 1 MiB", body = openapi::Problem),
+        (status = 422, description = "a field is missing or not valid; the answer names it", body = openapi::Problem),
+    ),
+)]
 async fn create_agent(
     axum::extract::State(state): State,
     caller: Caller,
-    body: Result<Json<NewAgentBody>, JsonRejection>,
+    body: JsonBody,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     caller.require(Role::OrgAdmin, "create monitoring agents")?;
-    let body = json_body(body)?;
+    let body: NewAgentBody = json_body(body)?;
     check_name("name", &body.name)?;
     check_location("location", &body.location)?;
     let secret = token::generate(TokenKind::AgentToken);
@@ -308,6 +228,17 @@ async fn create_agent(
     ))
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/agents/",
+    tag = "monitoring",
+    summary = "The monitoring agents of the caller's organization (all for super admins)",
+    params(PageQuery),
+    responses(
+        (status = 200, description = "one page of agents", body = openapi::Paginated<openapi::Agent>),
+        (status = 400, description = "page or page_size is not valid", body = openapi::Problem),
+    ),
+)]
 async fn list_agents(
     axum::extract::State(state): State,
     Extension(m): Extension<Monitoring>,
@@ -329,7 +260,19 @@ async fn list_agents(
 }
 
 /// Revokes an agent (204): its token is refused from now on, and its
-/// location turns `unknown` where no other agent checks.
+/// location turns `unknown` where no other agent checks. Revoking again
+/// changes nothing (204).
+#[utoipa::path(
+    delete,
+    path = "/api/v1/agents/{id}/",
+    tag = "monitoring",
+    params(("id" = Uuid, Path, description = "the agent's id")),
+    responses(
+        (status = 204, description = "revoked (or it was already)"),
+        (status = 403, description = "only org admins revoke agents", body = openapi::Problem),
+        (status = 404, description = "no such agent the caller may see", body = openapi::Problem),
+    ),
+)]
 async fn revoke_agent(
     axum::extract::State(state): State,
     caller: Caller,
@@ -352,13 +295,31 @@ async fn revoke_agent(
 
 // ---- the agent routes ---------------------------------------------------
 
+/// An agent's heartbeat (agents only)
+///
+/// What it runs and how it fares; an agent that was silent is reporting
+/// again from here on.
+#[utoipa::path(
+    post,
+    path = "/api/v1/agent/health/",
+    tag = "agents",
+    security(("agent_token" = [])),
+    request_body = AgentHealth,
+    responses(
+        (status = 200, description = "the agent, as the coordinator knows it", body = openapi::AgentSeen),
+        (status = 400, description = "the body is not JSON, or holds a NUL character", body = openapi::Problem),
+        (status = 403, description = "an API key: this route takes an agent token", body = openapi::Problem),
+        (status = 413, description = "the body is larger than 1 MiB", body = openapi::Problem),
+        (status = 422, description = "a field is missing or not valid; the answer names it", body = openapi::Problem),
+    ),
+)]
 async fn agent_health(
     axum::extract::State(state): State,
     Extension(m): Extension<Monitoring>,
     AgentCaller(agent): AgentCaller,
-    body: Result<Json<AgentHealth>, JsonRejection>,
+    body: JsonBody,
 ) -> ApiResult<Json<Value>> {
-    let health = json_body(body)?;
+    let health: AgentHealth = json_body(body)?;
     if health.version.chars().count() > 64 || health.version.chars().any(char::is_control) {
         return Err(ServiceError::unprocessable(
             "version: expected at most 64 characters without control characters",
@@ -413,6 +374,27 @@ fn none_match(headers: &HeaderMap, etag: &str) -> bool {
         .any(|tag| tag == "*" || tag == etag)
 }
 
+/// The endpoints the agent checks (agents only)
+///
+/// Its organization's endpoints at its location. The `ETag` is the list's
+/// version: sent back in `If-None-Match`, it is answered 304 while the list
+/// is unchanged.
+#[utoipa::path(
+    get,
+    path = "/api/v1/agent/endpoints/",
+    tag = "agents",
+    security(("agent_token" = [])),
+    params(
+        ("If-None-Match" = Option<String>, Header, nullable = false, description = "the `ETag` of the list the agent has"),
+    ),
+    responses(
+        (status = 200, description = "the agent's endpoints", body = EndpointList,
+            headers(("ETag" = String, description = "the list's version, quoted"))),
+        (status = 304, description = "the list is the one If-None-Match names",
+            headers(("ETag" = String, description = "the list's version, quoted"))),
+        (status = 403, description = "an API key: this route takes an agent token", body = openapi::Problem),
+    ),
+)]
 async fn agent_endpoints(
     axum::extract::State(state): State,
     AgentCaller(agent): AgentCaller,
@@ -434,13 +416,34 @@ async fn agent_endpoints(
     Ok(([(header::ETAG, etag_value)], Json(list)).into_response())
 }
 
+/// Report check results (agents only)
+///
+/// At most 1000 a batch. Each result is taken once (by its id): a batch
+/// sent again is answered as the first time. Results the coordinator will
+/// never take (another location's endpoint, a time in the future or beyond
+/// the retention, text with a NUL) are refused one by one, with the reason.
+#[utoipa::path(
+    post,
+    path = "/api/v1/agent/results/",
+    tag = "agents",
+    security(("agent_token" = [])),
+    request_body = ResultBatch,
+    responses(
+        (status = 202, description = "taken: what was stored, and what was refused", body = openapi::ResultsAccepted),
+        (status = 400, description = "the body is not JSON", body = openapi::Problem),
+        (status = 403, description = "an API key: this route takes an agent token", body = openapi::Problem),
+        (status = 413, description = "more than 1000 results, or a body larger than 16 MiB", body = openapi::Problem),
+        (status = 422, description = "the body is not a batch of results; the answer names the field", body = openapi::Problem),
+    ),
+)]
 async fn agent_results(
     axum::extract::State(state): State,
     Extension(m): Extension<Monitoring>,
     AgentCaller(agent): AgentCaller,
-    body: Result<Json<ResultBatch>, JsonRejection>,
+    body: JsonBody,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
-    let batch = json_body(body)?;
+    // Each result is checked for NUL characters below, on its own.
+    let (batch, _): (ResultBatch, _) = parse_json_body(body, Code::Unprocessable)?;
     if batch.results.len() > MAX_BATCH {
         return Err(ServiceError::new(
             Code::TooLarge,
@@ -454,30 +457,18 @@ async fn agent_results(
     let retention =
         chrono::Duration::from_std(m.settings.retention).unwrap_or(chrono::Duration::MAX);
     let mut refused: Vec<Refused> = Vec::new();
-    let (timely, untimely): (Vec<_>, Vec<_>) = batch.results.into_iter().partition(|r| {
-        r.checked_at <= now + FUTURE_SKEW && now.signed_duration_since(r.checked_at) < retention
-    });
-    for r in untimely {
-        let reason = if r.checked_at > now {
-            format!(
-                "checked_at {} is in the future (this coordinator's clock says {})",
-                time(r.checked_at),
-                time(now)
-            )
-        } else {
-            format!(
-                "checked_at {} is older than the result retention ({} days)",
-                time(r.checked_at),
-                retention.num_days()
-            )
-        };
-        refused.push(Refused {
-            result_id: r.id,
-            endpoint_id: r.endpoint_id,
-            reason,
-        });
+    let mut fit = Vec::with_capacity(batch.results.len());
+    for r in batch.results {
+        match unfit(&r, now, retention) {
+            Some(reason) => refused.push(Refused {
+                result_id: r.id,
+                endpoint_id: r.endpoint_id,
+                reason,
+            }),
+            None => fit.push(r),
+        }
     }
-    let outcome = state.store.record_results(&agent, &timely, now).await?;
+    let outcome = state.store.record_results(&agent, &fit, now).await?;
     if outcome.notifications > 0 {
         m.outbox.notify_one();
     }
@@ -498,6 +489,28 @@ async fn agent_results(
             })).collect::<Vec<_>>(),
         })),
     ))
+}
+
+/// Why a result will never be stored, if it will not: a time too far
+/// ahead or beyond the retention, or text with a NUL character (which
+/// PostgreSQL cannot store). Refusing it alone keeps the rest of its batch.
+fn unfit(r: &CheckResult, now: DateTime<Utc>, retention: chrono::Duration) -> Option<String> {
+    if r.checked_at > now + FUTURE_SKEW {
+        return Some(format!(
+            "checked_at {} is in the future (this coordinator's clock says {})",
+            time(r.checked_at),
+            time(now)
+        ));
+    }
+    if now.signed_duration_since(r.checked_at) >= retention {
+        return Some(format!(
+            "checked_at {} is older than the result retention ({} days)",
+            time(r.checked_at),
+            retention.num_days()
+        ));
+    }
+    let value = serde_json::to_value(r).unwrap_or_default();
+    no_nul_in_json("", &value).err().map(|e| e.message)
 }
 
 // ---- endpoints ----------------------------------------------------------
@@ -1078,10 +1091,36 @@ fn detail_json(d: &EndpointDetail) -> Value {
     out
 }
 
+/// The error of a store refusing an endpoint: a conflict is its name.
+fn name_taken(e: crate::store::StoreError, config: &EndpointConfig) -> ServiceError {
+    conflict(
+        e,
+        format!(
+            "endpoint '{}' already exists in this organization",
+            config.name
+        ),
+    )
+}
+
+/// Create an endpoint to monitor (workspace admins)
+#[utoipa::path(
+    post,
+    path = "/api/v1/endpoints/",
+    tag = "monitoring",
+    request_body = openapi::EndpointBody,
+    responses(
+        (status = 201, description = "created", body = openapi::Endpoint),
+        (status = 400, description = "the body is not JSON, or holds a NUL character", body = openapi::Problem),
+        (status = 403, description = "only workspace admins change endpoints", body = openapi::Problem),
+        (status = 409, description = "an endpoint of that name exists in the organization", body = openapi::Problem),
+        (status = 413, description = "the body is larger than 1 MiB", body = openapi::Problem),
+        (status = 422, description = "a field is missing or not valid; the answer names it (a condition, its index and column)", body = openapi::Problem),
+    ),
+)]
 async fn create_endpoint(
     axum::extract::State(state): State,
     caller: Caller,
-    body: Result<Json<Value>, JsonRejection>,
+    body: JsonBody,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     caller.require(Role::WorkspaceAdmin, "create endpoints")?;
     let config = parse_endpoint(json_body(body)?)?;
@@ -1090,25 +1129,36 @@ async fn create_endpoint(
         .store
         .create_endpoint(caller.identity.org_id, &config, now)
         .await
-        .map_err(|e| {
-            conflict(
-                e,
-                format!(
-                    "endpoint '{}' already exists in this organization",
-                    config.name
-                ),
-            )
-        })?;
+        .map_err(|e| name_taken(e, &config))?;
     tracing::info!(endpoint_id = %endpoint.id, endpoint = %config.name, by = %caller.identity.name, "endpoint created");
     Ok((StatusCode::CREATED, Json(endpoint_json(&endpoint))))
 }
 
+/// Replace an endpoint's configuration (workspace admins)
+///
+/// Its state is kept where its locations are.
+#[utoipa::path(
+    put,
+    path = "/api/v1/endpoints/{id}/",
+    tag = "monitoring",
+    params(("id" = Uuid, Path, description = "the endpoint's id")),
+    request_body = openapi::EndpointBody,
+    responses(
+        (status = 200, description = "changed", body = openapi::Endpoint),
+        (status = 400, description = "the body is not JSON, or holds a NUL character", body = openapi::Problem),
+        (status = 403, description = "only workspace admins change endpoints", body = openapi::Problem),
+        (status = 404, description = "no such endpoint the caller may see", body = openapi::Problem),
+        (status = 409, description = "another endpoint of that name exists in the organization", body = openapi::Problem),
+        (status = 413, description = "the body is larger than 1 MiB", body = openapi::Problem),
+        (status = 422, description = "a field is missing or not valid; the answer names it (a condition, its index and column)", body = openapi::Problem),
+    ),
+)]
 async fn update_endpoint(
     axum::extract::State(state): State,
     Extension(m): Extension<Monitoring>,
     caller: Caller,
     Path(id): Path<String>,
-    body: Result<Json<Value>, JsonRejection>,
+    body: JsonBody,
 ) -> ApiResult<Json<Value>> {
     caller.require(Role::WorkspaceAdmin, "change endpoints")?;
     let id = parse_id(&id, "endpoint")?;
@@ -1118,15 +1168,7 @@ async fn update_endpoint(
         .store
         .update_endpoint(caller.scope(), id, &config, now)
         .await
-        .map_err(|e| {
-            conflict(
-                e,
-                format!(
-                    "endpoint '{}' already exists in this organization",
-                    config.name
-                ),
-            )
-        })?
+        .map_err(|e| name_taken(e, &config))?
         .ok_or_else(|| ServiceError::not_found(format!("endpoint '{id}' not found")))?;
     // A change of locations may end an incident: its resolve goes out now.
     m.outbox.notify_one();
@@ -1134,6 +1176,18 @@ async fn update_endpoint(
     Ok(Json(endpoint_json(&endpoint)))
 }
 
+/// Delete an endpoint, with its results (workspace admins)
+#[utoipa::path(
+    delete,
+    path = "/api/v1/endpoints/{id}/",
+    tag = "monitoring",
+    params(("id" = Uuid, Path, description = "the endpoint's id")),
+    responses(
+        (status = 204, description = "deleted"),
+        (status = 403, description = "only workspace admins delete endpoints", body = openapi::Problem),
+        (status = 404, description = "no such endpoint the caller may see", body = openapi::Problem),
+    ),
+)]
 async fn delete_endpoint(
     axum::extract::State(state): State,
     caller: Caller,
@@ -1151,6 +1205,17 @@ async fn delete_endpoint(
     }
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/endpoints/",
+    tag = "monitoring",
+    summary = "The monitored endpoints the caller sees, with their status",
+    params(PageQuery),
+    responses(
+        (status = 200, description = "one page of endpoints", body = openapi::Paginated<openapi::Endpoint>),
+        (status = 400, description = "page or page_size is not valid", body = openapi::Problem),
+    ),
+)]
 async fn list_endpoints(
     axum::extract::State(state): State,
     caller: Caller,
@@ -1169,6 +1234,17 @@ async fn list_endpoints(
     )))
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/endpoints/{id}/",
+    tag = "monitoring",
+    summary = "An endpoint with its state at each location and its uptime",
+    params(("id" = Uuid, Path, description = "the endpoint's id")),
+    responses(
+        (status = 200, description = "the endpoint", body = openapi::EndpointDetail),
+        (status = 404, description = "no such endpoint the caller may see", body = openapi::Problem),
+    ),
+)]
 async fn get_endpoint(
     axum::extract::State(state): State,
     caller: Caller,
@@ -1183,12 +1259,19 @@ async fn get_endpoint(
     Ok(Json(detail_json(&detail)))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct ResultsQuery {
+    /// Only the results from this location.
     location: Option<String>,
+    /// Only results checked at or after this time (RFC 3339).
+    #[param(value_type = Option<DateTime<Utc>>)]
     since: Option<String>,
+    /// Only results checked before this time (RFC 3339).
+    #[param(value_type = Option<DateTime<Utc>>)]
     until: Option<String>,
     #[serde(flatten)]
+    #[param(ignore)]
     page: PageQuery,
 }
 
@@ -1217,6 +1300,17 @@ fn stored_result_json(r: &StoredResult) -> Value {
 
 /// The endpoint's results, newest first (`location`, `since`, `until`
 /// filter them).
+#[utoipa::path(
+    get,
+    path = "/api/v1/endpoints/{id}/results/",
+    tag = "monitoring",
+    params(("id" = Uuid, Path, description = "the endpoint's id"), ResultsQuery, PageQuery),
+    responses(
+        (status = 200, description = "one page of results", body = openapi::Paginated<openapi::StoredResult>),
+        (status = 400, description = "page, page_size, since or until is not valid", body = openapi::Problem),
+        (status = 404, description = "no such endpoint the caller may see", body = openapi::Problem),
+    ),
+)]
 async fn list_results(
     axum::extract::State(state): State,
     caller: Caller,
@@ -1252,20 +1346,38 @@ fn notifier_json(n: &Notifier) -> Value {
     json!({ "id": n.id, "kind": n.kind, "url": n.url, "created_at": time(n.created_at) })
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewNotifierBody {
+    #[schema(value_type = openapi::NotifierKind)]
     kind: String,
+    /// An `http://` or `https://` URL: alerts and resolves are posted to it
+    /// as JSON.
+    #[schema(max_length = 2048)]
     url: String,
 }
 
+/// Create a notifier, a webhook for alerts (workspace admins)
+#[utoipa::path(
+    post,
+    path = "/api/v1/notifiers/",
+    tag = "monitoring",
+    request_body = NewNotifierBody,
+    responses(
+        (status = 201, description = "created", body = openapi::Notifier),
+        (status = 400, description = "the body is not JSON, or holds a NUL character", body = openapi::Problem),
+        (status = 403, description = "only workspace admins create notifiers", body = openapi::Problem),
+        (status = 413, description = "the body is larger than 1 MiB", body = openapi::Problem),
+        (status = 422, description = "a field is missing or not valid; the answer names it", body = openapi::Problem),
+    ),
+)]
 async fn create_notifier(
     axum::extract::State(state): State,
     caller: Caller,
-    body: Result<Json<NewNotifierBody>, JsonRejection>,
+    body: JsonBody,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     caller.require(Role::WorkspaceAdmin, "create notifiers")?;
-    let body = json_body(body)?;
+    let body: NewNotifierBody = json_body(body)?;
     if body.kind != "webhook" {
         return Err(ServiceError::unprocessable(format!(
             "kind: expected \"webhook\" (the only kind so far), found {:?}",
@@ -1291,6 +1403,16 @@ async fn create_notifier(
     Ok((StatusCode::CREATED, Json(notifier_json(&notifier))))
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/notifiers/",
+    tag = "monitoring",
+    summary = "The notifiers of the caller's organization (workspace admins: their URLs may hold secrets)",
+    responses(
+        (status = 200, description = "the notifiers, on one page", body = openapi::Paginated<openapi::Notifier>),
+        (status = 403, description = "only workspace admins see notifiers", body = openapi::Problem),
+    ),
+)]
 async fn list_notifiers(
     axum::extract::State(state): State,
     caller: Caller,
@@ -1301,6 +1423,18 @@ async fn list_notifiers(
     Ok(Json(listing(notifiers.iter().map(notifier_json).collect())))
 }
 
+#[utoipa::path(
+    delete,
+    path = "/api/v1/notifiers/{id}/",
+    tag = "monitoring",
+    summary = "Delete a notifier (workspace admins)",
+    params(("id" = Uuid, Path, description = "the notifier's id")),
+    responses(
+        (status = 204, description = "deleted"),
+        (status = 403, description = "only workspace admins delete notifiers", body = openapi::Problem),
+        (status = 404, description = "no such notifier the caller may see", body = openapi::Problem),
+    ),
+)]
 async fn delete_notifier(
     axum::extract::State(state): State,
     caller: Caller,
@@ -1330,25 +1464,61 @@ fn window_json(w: &MaintenanceWindow) -> Value {
     })
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewWindowBody {
     start: DateTime<Utc>,
+    /// After the start, and not past.
     end: DateTime<Utc>,
     /// Absent or empty: every endpoint of the organization, and its agents.
     #[serde(default)]
+    #[schema(max_items = 100)]
     endpoint_ids: Vec<Uuid>,
+    /// At most 1024 bytes.
+    #[schema(max_length = 1024)]
     reason: Option<String>,
 }
 
+/// Refuses a time RFC 3339 cannot write (a year before 0 or after 9999),
+/// which serde reads nonetheless: PostgreSQL cannot store the earliest of
+/// them, and no window needs one.
+fn within_rfc3339(field: &str, t: DateTime<Utc>) -> ApiResult<()> {
+    if (0..=9999).contains(&t.year()) {
+        Ok(())
+    } else {
+        Err(ServiceError::unprocessable(format!(
+            "{field}: expected a time from year 0 to 9999, found {}",
+            time(t)
+        )))
+    }
+}
+
+/// Create a maintenance window (workspace admins)
+///
+/// Incidents that open during it are muted: no alert, no resolve.
+#[utoipa::path(
+    post,
+    path = "/api/v1/maintenance-windows/",
+    tag = "monitoring",
+    request_body = NewWindowBody,
+    responses(
+        (status = 201, description = "created", body = openapi::MaintenanceWindow),
+        (status = 400, description = "the body is not JSON, or holds a NUL character", body = openapi::Problem),
+        (status = 403, description = "only workspace admins create maintenance windows", body = openapi::Problem),
+        (status = 413, description = "the body is larger than 1 MiB", body = openapi::Problem),
+        (status = 422, description = "a field is missing or not valid (an end before the start or past, an endpoint not in the organization); the answer names it", body = openapi::Problem),
+    ),
+)]
 async fn create_window(
     axum::extract::State(state): State,
     caller: Caller,
-    body: Result<Json<NewWindowBody>, JsonRejection>,
+    body: JsonBody,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     caller.require(Role::WorkspaceAdmin, "create maintenance windows")?;
-    let body = json_body(body)?;
+    let body: NewWindowBody = json_body(body)?;
     let now = Utc::now();
+    within_rfc3339("start", body.start)?;
+    within_rfc3339("end", body.end)?;
     if body.end <= body.start {
         return Err(ServiceError::unprocessable(format!(
             "end: {} is not after start ({})",
@@ -1401,6 +1571,15 @@ async fn create_window(
     Ok((StatusCode::CREATED, Json(window_json(&window))))
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/maintenance-windows/",
+    tag = "monitoring",
+    summary = "The maintenance windows of the caller's organization",
+    responses(
+        (status = 200, description = "the maintenance windows, on one page", body = openapi::Paginated<openapi::MaintenanceWindow>),
+    ),
+)]
 async fn list_windows(
     axum::extract::State(state): State,
     caller: Caller,
@@ -1409,6 +1588,18 @@ async fn list_windows(
     Ok(Json(listing(windows.iter().map(window_json).collect())))
 }
 
+#[utoipa::path(
+    delete,
+    path = "/api/v1/maintenance-windows/{id}/",
+    tag = "monitoring",
+    summary = "Delete a maintenance window (workspace admins)",
+    params(("id" = Uuid, Path, description = "the maintenance window's id")),
+    responses(
+        (status = 204, description = "deleted"),
+        (status = 403, description = "only workspace admins delete maintenance windows", body = openapi::Problem),
+        (status = 404, description = "no such maintenance window the caller may see", body = openapi::Problem),
+    ),
+)]
 async fn delete_window(
     axum::extract::State(state): State,
     caller: Caller,

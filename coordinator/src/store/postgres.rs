@@ -56,11 +56,13 @@ fn db_err(e: tokio_postgres::Error) -> StoreError {
                 .trim_end_matches(" already exists");
             return StoreError::Conflict(what.to_owned());
         }
-        // Text with a NUL character, as a parameter or inside JSON: the
-        // value is wrong, not the database.
+        // Text with a NUL character, as a parameter or inside JSON, or a
+        // time outside PostgreSQL's range (before 4713 BC): the value is
+        // wrong, not the database.
         if [
             SqlState::CHARACTER_NOT_IN_REPERTOIRE,
             SqlState::UNTRANSLATABLE_CHARACTER,
+            SqlState::DATETIME_FIELD_OVERFLOW,
         ]
         .contains(db.code())
         {

@@ -269,6 +269,27 @@ async fn refusals_are_json_naming_what_was_wrong() -> anyhow::Result<()> {
     let (status, body) = post(tokens, serde_json::Value::Null).await?;
     assert_eq!(status, 201, "{body}");
 
+    // An object written as the array of its fields in order, which serde
+    // reads (schemathesis sent a check result's `"tls": [null, null]`), is
+    // refused like any other wrong type, naming where.
+    let (status, body) = post("/api/v1/organizations/", json!(["acme"])).await?;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(
+        detail(&body),
+        "invalid JSON body: body: expected an object, found an array"
+    );
+    let (status, body) = post(
+        trigger,
+        json!({"block": "linux-patch", "action": "patch",
+               "parameters": [null, {}, null, null, null]}),
+    )
+    .await?;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        detail(&body).contains("parameters: expected an object"),
+        "{body}"
+    );
+
     // `after_seq` is checked when `Last-Event-ID` is given too.
     let run = c
         .trigger(

@@ -738,6 +738,59 @@ async fn bad_endpoints_and_batches_are_refused_with_what_was_wrong() -> anyhow::
             .is_some_and(|r| r.contains("in the future")),
         "{answer}"
     );
+    // Text PostgreSQL cannot store refuses its result alone, not the batch
+    // (which it once failed whole).
+    let mut nul = check_result(endpoint, agent.next_time(), Up);
+    nul.measured.body = Some("a\u{0}b".into());
+    let (status, answer) = agent
+        .report(vec![nul, check_result(endpoint, agent.next_time(), Up)])
+        .await?;
+    assert_eq!(status, 202, "{answer}");
+    assert_eq!(
+        (&answer["stored"], &answer["accepted"]),
+        (&json!(1), &json!(1))
+    );
+    assert!(
+        answer["refused"][0]["reason"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("measured.body: contains a NUL")),
+        "{answer}"
+    );
+    // An object written as an array of its fields (serde would read it).
+    let mut batch = json!({"results": [check_result(endpoint, agent.next_time(), Up)]});
+    batch["results"][0]["tls"] = json!([null, null]);
+    let response = reqwest::Client::new()
+        .post(agent.url("/api/v1/agent/results/"))
+        .bearer_auth(&agent.token)
+        .json(&batch)
+        .send()
+        .await?;
+    assert_eq!(response.status().as_u16(), 422);
+    let answer: Value = response.json().await?;
+    assert!(
+        answer["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("results[0].tls: expected an object")),
+        "{answer}"
+    );
+
+    // A window from before PostgreSQL's earliest time (4713 BC), which
+    // serde reads from an extended year: once a 500.
+    let (status, answer) = c
+        .call(
+            &c.admin_key,
+            Method::POST,
+            "/api/v1/maintenance-windows/",
+            Some(json!({"start": "-5000-01-01T00:00:00Z", "end": "2999-01-01T00:00:00Z"})),
+        )
+        .await?;
+    assert_eq!(status, 422, "{answer}");
+    assert!(
+        answer["detail"]
+            .as_str()
+            .is_some_and(|d| d.starts_with("start: expected a time from year 0")),
+        "{answer}"
+    );
 
     // Notifiers: webhooks only, with a URL.
     for (body, field) in [

@@ -12,6 +12,8 @@
 //! other direction over HTTP: each documented path and method is answered by
 //! a handler, not by the router's fallback (404 "no such endpoint") or its
 //! 405, and every method not documented for a path is refused with 405.
+//! The monitoring routes are in the same list; the agent routes are called
+//! with an agent's token, as their security scheme (`agent_token`) says.
 //!
 //! The schemathesis test runs the tool scripts/test-env.sh installs
 //! (`MUSTER_SCHEMATHESIS`). To look further: `MUSTER_SCHEMATHESIS_SEED`,
@@ -23,7 +25,11 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
+use chrono::Utc;
+use muster_common::monitor::Verdict;
+use muster_tests::monitoring::{check_result, AgentClient};
 use muster_tests::{example_workspace, TestCoordinator, TestDb};
+use reqwest::Method;
 use serde_json::{json, Value};
 
 const METHODS: [&str; 5] = ["get", "post", "put", "patch", "delete"];
@@ -76,11 +82,17 @@ fn check_refs(doc: &Value, value: &Value) -> anyhow::Result<()> {
     }
 }
 
+/// Whether an operation takes an agent's token rather than an API key.
+fn for_agents(operation: &Value) -> bool {
+    operation["security"] == json!([{ "agent_token": [] }])
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_route_is_in_the_openapi_document() -> anyhow::Result<()> {
     let db = TestDb::create().await?;
     let c = TestCoordinator::start(&db).await?;
     let doc = schema(&c).await?;
+    let agent = c.create_agent("probe", "site-a").await?;
 
     assert!(
         doc["openapi"].as_str().is_some_and(|v| v.starts_with("3.")),
@@ -89,9 +101,11 @@ async fn every_route_is_in_the_openapi_document() -> anyhow::Result<()> {
     );
     assert!(doc["info"]["title"].is_string() && doc["info"]["version"].is_string());
     check_refs(&doc, &doc)?;
-    let scheme = &doc["components"]["securitySchemes"]["api_key"];
-    assert_eq!(scheme["type"], "http", "{scheme}");
-    assert_eq!(scheme["scheme"], "bearer", "{scheme}");
+    for name in ["api_key", "agent_token"] {
+        let scheme = &doc["components"]["securitySchemes"][name];
+        assert_eq!(scheme["type"], "http", "{name}: {scheme}");
+        assert_eq!(scheme["scheme"], "bearer", "{name}: {scheme}");
+    }
 
     let paths = doc["paths"]
         .as_object()
@@ -106,6 +120,25 @@ async fn every_route_is_in_the_openapi_document() -> anyhow::Result<()> {
         ("/api/v1/schema/", "get"),
         ("/healthz", "get"),
         ("/readyz", "get"),
+        // Monitoring (README, "Endpoint monitoring").
+        ("/api/v1/agents/", "post"),
+        ("/api/v1/agents/", "get"),
+        ("/api/v1/agents/{id}/", "delete"),
+        ("/api/v1/agent/health/", "post"),
+        ("/api/v1/agent/endpoints/", "get"),
+        ("/api/v1/agent/results/", "post"),
+        ("/api/v1/endpoints/", "post"),
+        ("/api/v1/endpoints/", "get"),
+        ("/api/v1/endpoints/{id}/", "get"),
+        ("/api/v1/endpoints/{id}/", "put"),
+        ("/api/v1/endpoints/{id}/", "delete"),
+        ("/api/v1/endpoints/{id}/results/", "get"),
+        ("/api/v1/notifiers/", "post"),
+        ("/api/v1/notifiers/", "get"),
+        ("/api/v1/notifiers/{id}/", "delete"),
+        ("/api/v1/maintenance-windows/", "post"),
+        ("/api/v1/maintenance-windows/", "get"),
+        ("/api/v1/maintenance-windows/{id}/", "delete"),
     ] {
         assert!(
             paths
@@ -123,6 +156,17 @@ async fn every_route_is_in_the_openapi_document() -> anyhow::Result<()> {
             .filter(|m| item.get(*m).is_some())
             .collect();
         assert!(!documented.is_empty(), "{path} has no operation");
+        // The agent routes and only they take an agent's token.
+        let agents = path.starts_with("/api/v1/agent/");
+        for method in &documented {
+            assert_eq!(
+                for_agents(&item[*method]),
+                agents,
+                "{method} {path}: security {}",
+                item[*method]["security"]
+            );
+        }
+        let token = if agents { &agent.token } else { &c.admin_key };
         // A request for each: placeholders for the path parameters.
         let mut concrete = path.clone();
         for name in template_params(path) {
@@ -159,7 +203,7 @@ async fn every_route_is_in_the_openapi_document() -> anyhow::Result<()> {
             let request = c
                 .http
                 .request(method.to_uppercase().parse()?, c.url(&concrete))
-                .bearer_auth(&c.admin_key)
+                .bearer_auth(token)
                 .header("content-type", "application/json")
                 .body("{}");
             let response = request.send().await?;
@@ -170,6 +214,10 @@ async fn every_route_is_in_the_openapi_document() -> anyhow::Result<()> {
                 assert_ne!(
                     status, 405,
                     "{method} {path}: the router has no such method"
+                );
+                assert!(
+                    ![401, 403].contains(&status),
+                    "{method} {path}: its token was refused: {status} {body}"
                 );
                 assert!(
                     !(status == 404 && body.contains("no such endpoint")),
@@ -184,7 +232,7 @@ async fn every_route_is_in_the_openapi_document() -> anyhow::Result<()> {
         }
     }
     assert!(
-        probed >= METHODS.len() * 15,
+        probed >= METHODS.len() * 30,
         "only {probed} requests probed"
     );
 
@@ -237,10 +285,103 @@ fn toml_strings(values: &[&str]) -> String {
     format!("[{}]", quoted.join(", "))
 }
 
-/// How long schemathesis may take: its run takes about 20 s on two cores.
+/// How long schemathesis may take: its run takes about 30 s on two idle
+/// cores (40 operations), nearer 45 s while other builds share them.
 const ST_DEADLINE: Duration = Duration::from_secs(180);
 
-/// schemathesis' configuration, with `run_ids` to draw on.
+/// The monitoring objects the generated requests find: their ids, the ids
+/// the DELETE operations may remove, and the agent the agent routes are
+/// called as.
+struct Monitored {
+    ids: Vec<String>,
+    doomed: Vec<String>,
+    agent: AgentClient,
+}
+
+/// Something of each monitoring kind, with a double of each for the DELETE
+/// operations to remove, so that the others keep finding theirs: an agent
+/// that reports (a heartbeat; results up, degraded and down, so an endpoint
+/// has an incident, location states and uptime), endpoints of every kind of
+/// check, a notifier (to a port nothing listens on: its deliveries fail and
+/// are retried in the background) and a maintenance window.
+async fn monitored(c: &TestCoordinator) -> anyhow::Result<Monitored> {
+    let agent = c.create_agent("schemathesis", "site-a").await?;
+    let doomed_agent = c.create_agent("doomed", "site-b").await?;
+    let mut endpoints = Vec::new();
+    for body in [
+        json!({
+            "name": "web", "kind": "http", "target": "https://127.0.0.1:8443/health",
+            "interval": 5, "timeout": 2, "locations": ["site-a", "site-b"],
+            "failure_threshold": 1, "success_threshold": 1,
+            "conditions": ["[STATUS] == 200", {"condition": "[RESPONSE_TIME] < 300", "degrades": true}],
+            "http": {"method": "post", "headers": {"X-Probe": "1"}, "body": "{}", "insecure_tls": true},
+        }),
+        json!({"name": "db", "kind": "tcp", "target": "127.0.0.1:5432", "locations": ["site-a"],
+               "conditions": ["[CONNECTED] == true"], "tcp": {"send": "PING\n", "expect": "PONG"}}),
+        json!({"name": "gateway", "kind": "icmp", "target": "127.0.0.1", "locations": ["site-a"],
+               "icmp": {"count": 2}}),
+        json!({"name": "resolver", "kind": "dns", "target": "127.0.0.1:5353", "locations": ["site-a"],
+               "dns": {"name": "example.org", "query_type": "aaaa", "expected": "::1"}}),
+        json!({"name": "doomed", "kind": "tcp", "target": "127.0.0.1:1", "locations": ["site-a"]}),
+    ] {
+        endpoints.push(c.create_endpoint(body).await?);
+    }
+    let doomed_endpoint = endpoints.pop().context("the doomed endpoint")?;
+
+    let (status, answer) = agent.heartbeat().await?;
+    anyhow::ensure!(status == 200, "heartbeat: {status} {answer}");
+    agent
+        .report_all(
+            &endpoints[0],
+            &[Verdict::Up, Verdict::Degraded, Verdict::Down],
+        )
+        .await?;
+    let tcp = uuid::Uuid::parse_str(&endpoints[1])?;
+    let (status, answer) = agent
+        .report(vec![check_result(tcp, agent.next_time(), Verdict::Up)])
+        .await?;
+    anyhow::ensure!(status == 202 && answer["stored"] == 1, "{status} {answer}");
+
+    let create = |kind: &'static str, body: Value| async move {
+        let answer = c
+            .admin(Method::POST, &format!("/api/v1/{kind}/"), Some(body))
+            .await?;
+        Ok::<String, anyhow::Error>(
+            answer["id"]
+                .as_str()
+                .with_context(|| format!("no id in {answer}"))?
+                .to_owned(),
+        )
+    };
+    let hook = json!({"kind": "webhook", "url": "http://127.0.0.1:9/hook"});
+    let notifier = create("notifiers", hook.clone()).await?;
+    let doomed_notifier = create("notifiers", hook).await?;
+    let now = Utc::now();
+    let window = json!({
+        "start": (now - chrono::Duration::minutes(1)).to_rfc3339(),
+        "end": (now + chrono::Duration::hours(1)).to_rfc3339(),
+        "endpoint_ids": [endpoints[0]],
+        "reason": "schemathesis",
+    });
+    let maintenance = create("maintenance-windows", window.clone()).await?;
+    let doomed_window = create("maintenance-windows", window).await?;
+
+    let mut ids = endpoints;
+    ids.extend([notifier, maintenance]);
+    Ok(Monitored {
+        ids,
+        doomed: vec![
+            doomed_agent.id,
+            doomed_endpoint,
+            doomed_notifier,
+            doomed_window,
+        ],
+        agent,
+    })
+}
+
+/// schemathesis' configuration: `ids` and `doomed` to draw on, and the
+/// tokens of the two security schemes.
 ///
 /// - Checks: no server error; statuses, content types, bodies and headers as
 ///   documented; schema-violating input refused; no answer without an API
@@ -249,15 +390,28 @@ const ST_DEADLINE: Duration = Duration::from_secs(180);
 ///   key's expiry lies ahead, the workspace defines the block).
 /// - Real run ids, workspace, block, action and artifact names are drawn half
 ///   of the time, so generated requests reach stored objects as well as
-///   missing ones.
+///   missing ones; so are the monitoring objects' ids, but the DELETE
+///   operations of monitoring draw theirs from doubles made for them
+///   (`doomed`), or the first would remove what the others are to find.
+/// - Each operation is called with the token its security scheme names: a
+///   super admin's API key, or the agent's token on the agent routes.
 /// - A fixed seed (`MUSTER_SCHEMATHESIS_SEED` to change it), 100 examples an
 ///   operation (`MUSTER_SCHEMATHESIS_EXAMPLES`): the same requests each run,
 ///   so the test is not flaky; other seeds were run clean when it was made.
+///   Half as many for the monitoring operations, whose bodies are the
+///   slowest to generate (an agent's batch of results most of all), so the
+///   run stays within a minute while other builds share the cores; seeds 2
+///   and 3 with 200 examples of each were run clean on them when they were
+///   added.
 /// - One worker: with two, Hypothesis' lambda descriptions race between
 ///   threads (a `KeyError` or an AST `SystemError` inside schemathesis).
 /// - No stateful phase: it follows list answers to DELETE, and could revoke
 ///   the keys and runners the rest of the test relies on.
-fn schemathesis_config(run_ids: &[&str]) -> String {
+fn schemathesis_config(ids: &[&str], doomed: &[&str], api_key: &str, agent_token: &str) -> String {
+    let examples: u32 = std::env::var("MUSTER_SCHEMATHESIS_EXAMPLES")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(100);
     format!(
         r#"
 seed = {seed}
@@ -305,8 +459,17 @@ enabled = true
 [checks.missing_required_header]
 enabled = true
 
-[dictionaries.run_ids]
-values = {run_ids}
+[auth.openapi.api_key]
+bearer = "{api_key}"
+
+[auth.openapi.agent_token]
+bearer = "{agent_token}"
+
+[dictionaries.ids]
+values = {ids}
+
+[dictionaries.doomed]
+values = {doomed}
 
 [dictionaries.workspaces]
 values = ["acme-corp-automation", "reports"]
@@ -321,15 +484,26 @@ values = ["linux-patch", "report"]
 values = ["patch", "write"]
 
 [parameters]
-"path.id" = {{ dictionary = "run_ids", probability = 0.5 }}
+"path.id" = {{ dictionary = "ids", probability = 0.5 }}
 "path.name" = {{ dictionary = "workspaces", probability = 0.5 }}
 "path.path" = {{ dictionary = "artifacts", probability = 0.5 }}
 "body.block" = {{ dictionary = "blocks", probability = 0.5 }}
 "body.action" = {{ dictionary = "actions", probability = 0.5 }}
+
+[[operations]]
+include-method = "DELETE"
+include-path-regex = "^/api/v1/(agents|endpoints|notifiers|maintenance-windows)/"
+parameters = {{ "path.id" = {{ dictionary = "doomed", probability = 0.5 }} }}
+
+[[operations]]
+include-path-regex = "^/api/v1/(agent|agents|endpoints|notifiers|maintenance-windows)/"
+generation = {{ max-examples = {monitoring_examples} }}
 "#,
         seed = std::env::var("MUSTER_SCHEMATHESIS_SEED").unwrap_or_else(|_| "1".into()),
-        examples = std::env::var("MUSTER_SCHEMATHESIS_EXAMPLES").unwrap_or_else(|_| "100".into()),
-        run_ids = toml_strings(run_ids),
+        examples = examples,
+        monitoring_examples = examples / 2,
+        ids = toml_strings(ids),
+        doomed = toml_strings(doomed),
     )
 }
 
@@ -366,6 +540,7 @@ async fn schemathesis_finds_no_server_error() -> anyhow::Result<()> {
     )
     .await?;
     let queued = c.trigger("acme-corp-automation", patch).await?;
+    let monitored = monitored(&c).await?;
 
     // A key of its own, a super admin's to reach everything: whatever it
     // does with it (revoke it, say), the checks after it use the admin's.
@@ -383,9 +558,12 @@ async fn schemathesis_finds_no_server_error() -> anyhow::Result<()> {
 
     let work = tempfile::tempdir()?;
     let config = work.path().join("schemathesis.toml");
+    let mut ids = vec![succeeded.as_str(), canceled.as_str(), queued.as_str()];
+    ids.extend(monitored.ids.iter().map(String::as_str));
+    let doomed: Vec<&str> = monitored.doomed.iter().map(String::as_str).collect();
     std::fs::write(
         &config,
-        schemathesis_config(&[&succeeded, &canceled, &queued]),
+        schemathesis_config(&ids, &doomed, &st_key, &monitored.agent.token),
     )?;
     let operations = schema(&c).await?["paths"]
         .as_object()
@@ -409,8 +587,6 @@ async fn schemathesis_finds_no_server_error() -> anyhow::Result<()> {
             .arg("--config-file")
             .arg(&config)
             .args(["run", "--no-color"])
-            .arg("--header")
-            .arg(format!("Authorization: Bearer {st_key}"))
             .arg(c.url("/api/v1/schema/"))
             .args(
                 std::env::var("MUSTER_SCHEMATHESIS_ARGS")
@@ -467,6 +643,9 @@ async fn schemathesis_finds_no_server_error() -> anyhow::Result<()> {
         )
         .await?;
     assert_eq!(run["status"], "succeeded", "{run}");
+    let (status, _, list) = monitored.agent.endpoints(None).await?;
+    assert_eq!(status, 200, "the agent's token still opens its routes");
+    assert!(list.is_some_and(|l| !l.endpoints.is_empty()));
 
     c.stop().await;
     db.drop_db().await;
