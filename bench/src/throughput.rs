@@ -13,7 +13,7 @@ use anyhow::{anyhow, bail, Context};
 use serde_json::json;
 
 use crate::harness::{wait_for, Binaries, Coordinator, RunnerProcess, ScratchDb, StoreKind};
-use crate::stats::{rate, Table};
+use crate::stats::{ms, rate, Summary, Table};
 
 pub struct Options {
     pub store: StoreKind,
@@ -35,6 +35,18 @@ struct Measured {
     elapsed: Duration,
     accepted_in: Duration,
     commits_per_run: Option<f64>,
+    phases: Phases,
+}
+
+/// Medians over the measured runs of where a run's time goes, from the
+/// timestamps the coordinator records (milliseconds).
+struct Phases {
+    /// Lease taken → the runner reports the job started (delivery, bundle
+    /// from cache, scratch directory, workspace unpacked, vars written).
+    lease_to_start: f64,
+    /// Job started → the runner reports it finished (process spawned,
+    /// `true` ran, output drained, scratch directory removed).
+    start_to_finish: f64,
 }
 
 pub async fn run(bins: &Binaries, options: &Options) -> anyhow::Result<()> {
@@ -108,8 +120,21 @@ pub async fn run(bins: &Binaries, options: &Options) -> anyhow::Result<()> {
         muster.accepted_in.as_secs_f64()
     );
     if let Some(commits) = muster.commits_per_run {
-        println!("PostgreSQL commits per run (pg_stat_database): {commits:.1}.");
+        println!("PostgreSQL transactions per run (pg_stat_database xact_commit, reads included): {commits:.1}.");
     }
+    let slot = options.capacity as f64
+        * options.runner_processes as f64
+        * muster.elapsed.as_secs_f64()
+        * 1000.0
+        / options.runs as f64;
+    println!(
+        "Per run slot: {} ms each on average; medians: lease → started {} ms, started → finished {} ms, \
+         the rest (result recorded, next lease) {} ms.",
+        ms(slot),
+        ms(muster.phases.lease_to_start),
+        ms(muster.phases.start_to_finish),
+        ms((slot - muster.phases.lease_to_start - muster.phases.start_to_finish).max(0.0)),
+    );
     Ok(())
 }
 
@@ -178,10 +203,12 @@ async fn measure(bins: &Binaries, options: &Options) -> anyhow::Result<Measured>
             }
             _ => None,
         };
+        let phases = phases(api, options.runs).await?;
         Ok(Measured {
             elapsed,
             accepted_in,
             commits_per_run,
+            phases,
         })
     }
     .await;
@@ -220,6 +247,45 @@ async fn wait_ended(coordinator: &Coordinator, total: u64, within: Duration) -> 
         },
     )
     .await
+}
+
+/// The medians of [`Phases`] over the `newest` runs.
+async fn phases(api: &crate::harness::Api, newest: usize) -> anyhow::Result<Phases> {
+    let at = |run: &serde_json::Value, field: &str| -> anyhow::Result<f64> {
+        let text = run[field]
+            .as_str()
+            .ok_or_else(|| anyhow!("a run without {field}: {run}"))?;
+        Ok(chrono::DateTime::parse_from_rfc3339(text)?.timestamp_millis() as f64)
+    };
+    let (mut to_start, mut to_finish) = (Vec::new(), Vec::new());
+    let mut page = 1;
+    while to_start.len() < newest {
+        let list = api
+            .get(&format!(
+                "/api/v1/action-runs/?workspace={}&page_size=500&page={page}",
+                crate::harness::WORKSPACE
+            ))
+            .await?;
+        let runs = list["results"].as_array().cloned().unwrap_or_default();
+        if runs.is_empty() {
+            break;
+        }
+        for run in runs.iter().take(newest - to_start.len()) {
+            let (leased, started, finished) = (
+                at(run, "leased_at")?,
+                at(run, "started_at")?,
+                at(run, "finished_at")?,
+            );
+            to_start.push(started - leased);
+            to_finish.push(finished - started);
+        }
+        page += 1;
+    }
+    let median = |v: &mut Vec<f64>| Summary::of_millis(v).map_or(0.0, |s| s.p50);
+    Ok(Phases {
+        lease_to_start: median(&mut to_start),
+        start_to_finish: median(&mut to_finish),
+    })
 }
 
 /// `pgbench -N` TPS on a throwaway database on the same server.
