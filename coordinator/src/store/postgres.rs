@@ -666,20 +666,23 @@ impl Store for PgStore {
     async fn claim_run(&self, claim: &Claim) -> Result<Option<Run>> {
         // The runner's row is share-locked, so a revocation waits for a claim
         // in flight and then sees its run among the runner's active ones; a
-        // claim after a revocation finds no runner and takes nothing.
+        // claim after a revocation finds no runner and takes nothing. It is
+        // locked only once there is a run to take: a row lock makes the
+        // transaction a write, and an empty claim (most dispatch passes)
+        // would wait for a WAL flush for nothing.
         let id: Option<Uuid> = {
             let client = self.client().await?;
             client
                 .query_opt(
-                    "WITH runner AS (SELECT id FROM runners WHERE id = $1 AND revoked_at IS NULL FOR SHARE), \
-                     next AS ( \
+                    "WITH next AS ( \
                        SELECT id FROM runs \
                        WHERE status = 'queued' AND ($2::uuid IS NULL OR org_id = $2) AND $3::jsonb @> runner_labels \
-                         AND EXISTS (SELECT 1 FROM runner) \
-                       ORDER BY created_at, id LIMIT 1 FOR UPDATE SKIP LOCKED) \
+                       ORDER BY created_at, id LIMIT 1 FOR UPDATE SKIP LOCKED), \
+                     runner AS (SELECT id FROM runners WHERE id = $1 AND revoked_at IS NULL \
+                       AND EXISTS (SELECT 1 FROM next) FOR SHARE) \
                      UPDATE runs r SET status = 'leased', runner_id = $1, fencing_token = nextval('fencing_tokens'), \
                        attempt = r.attempt + 1, leased_at = now(), lease_expires_at = $4 \
-                     FROM next WHERE r.id = next.id RETURNING r.id",
+                     FROM next, runner WHERE r.id = next.id RETURNING r.id",
                     &[&claim.runner_id, &claim.runner_org, &labels_json(&claim.labels), &claim.lease_expires_at],
                 )
                 .await
