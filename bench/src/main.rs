@@ -109,14 +109,18 @@ async fn main() {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let bins = Binaries::locate(cli.bin_dir.as_deref())?;
-    println!("machine: {}", muster_bench::machine());
+    println!(
+        "machine: {} (load average {} at the start)",
+        muster_bench::machine(),
+        muster_bench::load_average()
+    );
     if cfg!(debug_assertions) {
         println!("build: debug — figures are not representative; run with `cargo run --release -p muster-bench`");
     }
     let stores = |names: &[String]| -> anyhow::Result<Vec<StoreKind>> {
         names.iter().map(|n| StoreKind::parse(n)).collect()
     };
-    match cli.scenario {
+    let outcome = match cli.scenario {
         Scenario::Dispatch {
             runs,
             warmup,
@@ -190,5 +194,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .await
                 .context("logs scenario")
         }
-    }
+    };
+    println!("load average at the end: {}", muster_bench::load_average());
+    outcome
 }
