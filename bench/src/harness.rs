@@ -192,9 +192,8 @@ fn tail_of(path: &Path) -> String {
 /// A `muster-coordinator` process with a data directory of its own,
 /// listening on loopback; its log is in `<data dir>/coordinator.log`.
 pub struct Coordinator {
-    child: tokio::process::Child,
-    pub http: u16,
-    pub grpc: u16,
+    _child: tokio::process::Child,
+    grpc: u16,
     pub api: Api,
     data_dir: tempfile::TempDir,
 }
@@ -256,8 +255,7 @@ impl Coordinator {
             .trim()
             .to_owned();
         Ok(Coordinator {
-            child,
-            http,
+            _child: child,
             grpc,
             api: Api::new(format!("http://127.0.0.1:{http}"), admin_key),
             data_dir,
@@ -266,10 +264,6 @@ impl Coordinator {
 
     pub fn grpc_url(&self) -> String {
         format!("https://127.0.0.1:{}", self.grpc)
-    }
-
-    pub fn pid(&self) -> Option<u32> {
-        self.child.id()
     }
 
     /// The end of its log, for error messages.
