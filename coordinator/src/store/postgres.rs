@@ -454,10 +454,9 @@ impl Store for PgStore {
         let client = self.client().await?;
         let row = client
             .query_opt(
-                "UPDATE api_keys k SET last_used_at = $2 FROM identities i, organizations o \
-                 WHERE k.token_hash = $1 AND k.revoked_at IS NULL AND (k.expires_at IS NULL OR k.expires_at > $2) \
-                   AND i.id = k.identity_id AND o.id = i.org_id \
-                 RETURNING k.*, i.name AS identity_name, i.role, o.name AS org_name",
+                "SELECT k.*, i.name AS identity_name, i.role, o.name AS org_name \
+                 FROM api_keys k JOIN identities i ON i.id = k.identity_id JOIN organizations o ON o.id = i.org_id \
+                 WHERE k.token_hash = $1 AND k.revoked_at IS NULL AND (k.expires_at IS NULL OR k.expires_at > $2)",
                 &[&token_hash, &now],
             )
             .await
@@ -472,7 +471,19 @@ impl Store for PgStore {
             role: Role::parse(&role)
                 .ok_or_else(|| StoreError::Corrupt(format!("role '{role}'")))?,
         };
-        Ok(Some((api_key_from_row(&row), identity)))
+        let mut key = api_key_from_row(&row);
+        if super::use_to_record(key.last_used_at, now) {
+            client
+                .execute(
+                    "UPDATE api_keys SET last_used_at = $2 \
+                     WHERE id = $1 AND (last_used_at IS NULL OR last_used_at < $2)",
+                    &[&key.id, &now],
+                )
+                .await
+                .map_err(db_err)?;
+            key.last_used_at = Some(now);
+        }
+        Ok(Some((key, identity)))
     }
 
     async fn list_api_keys(&self, scope: Scope, page: Page) -> Result<(i64, Vec<ApiKey>)> {
@@ -681,20 +692,23 @@ impl Store for PgStore {
     async fn claim_run(&self, claim: &Claim) -> Result<Option<Run>> {
         // The runner's row is share-locked, so a revocation waits for a claim
         // in flight and then sees its run among the runner's active ones; a
-        // claim after a revocation finds no runner and takes nothing.
+        // claim after a revocation finds no runner and takes nothing. It is
+        // locked only once there is a run to take: a row lock makes the
+        // transaction a write, and an empty claim (most dispatch passes)
+        // would wait for a WAL flush for nothing.
         let id: Option<Uuid> = {
             let client = self.client().await?;
             client
                 .query_opt(
-                    "WITH runner AS (SELECT id FROM runners WHERE id = $1 AND revoked_at IS NULL FOR SHARE), \
-                     next AS ( \
+                    "WITH next AS ( \
                        SELECT id FROM runs \
                        WHERE status = 'queued' AND ($2::uuid IS NULL OR org_id = $2) AND $3::jsonb @> runner_labels \
-                         AND EXISTS (SELECT 1 FROM runner) \
-                       ORDER BY created_at, id LIMIT 1 FOR UPDATE SKIP LOCKED) \
+                       ORDER BY created_at, id LIMIT 1 FOR UPDATE SKIP LOCKED), \
+                     runner AS (SELECT id FROM runners WHERE id = $1 AND revoked_at IS NULL \
+                       AND EXISTS (SELECT 1 FROM next) FOR SHARE) \
                      UPDATE runs r SET status = 'leased', runner_id = $1, fencing_token = nextval('fencing_tokens'), \
                        attempt = r.attempt + 1, leased_at = now(), lease_expires_at = $4 \
-                     FROM next WHERE r.id = next.id RETURNING r.id",
+                     FROM next, runner WHERE r.id = next.id RETURNING r.id",
                     &[&claim.runner_id, &claim.runner_org, &labels_json(&claim.labels), &claim.lease_expires_at],
                 )
                 .await
