@@ -13,7 +13,7 @@ use tokio::time::Instant;
 use crate::session::{LogSink, Stream};
 
 /// Longest output waits before it is sent.
-pub const FLUSH_EVERY: Duration = Duration::from_millis(100);
+pub const FLUSH_EVERY: Duration = Duration::from_millis(50);
 /// How long a pause in the output must be for what came before to be sent.
 pub const LINGER: Duration = Duration::from_millis(5);
 /// Most output gathered into one chunk before it is sent.
@@ -154,7 +154,7 @@ mod tests {
         })
         .await;
         let sizes: Vec<usize> = chunks.iter().map(|(_, d)| d.len()).collect();
-        assert_eq!(sizes.len(), 3, "{sizes:?}");
+        assert_eq!(sizes.len(), 6, "{sizes:?}");
         assert_eq!(sizes.iter().sum::<usize>(), 100);
     }
 
