@@ -724,6 +724,27 @@ async fn api_key_authenticates_and_records_use(s: Arc<dyn Store>) -> Outcome {
     check_eq("identity", identity, alice)?;
     let (_, listed) = s.list_api_keys(Scope::Org(acme.id), all()).await?;
     check_eq("listed last_used_at", listed[0].last_used_at, Some(at))?;
+
+    // Uses are recorded to within a minute: one soon after is not written
+    // (a write per request would cost every API call a commit), a later one is.
+    let hash = format!("hash-ci-{}", acme.id);
+    let (key, _) = s
+        .authenticate_api_key(&hash, at + secs(30))
+        .await?
+        .context("the key does not authenticate again")?;
+    check_eq("last_used_at 30 s after", key.last_used_at, Some(at))?;
+    let later = at + secs(60);
+    let (key, _) = s
+        .authenticate_api_key(&hash, later)
+        .await?
+        .context("the key does not authenticate a minute later")?;
+    check_eq("last_used_at a minute after", key.last_used_at, Some(later))?;
+    let (_, listed) = s.list_api_keys(Scope::Org(acme.id), all()).await?;
+    check_eq(
+        "listed last_used_at a minute after",
+        listed[0].last_used_at,
+        Some(later),
+    )?;
     check_eq(
         "an unknown hash",
         s.authenticate_api_key("hash-unknown", at).await?,

@@ -38,6 +38,17 @@ pub enum StoreError {
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
+/// How stale an API key's `last_used_at` may be: a use is recorded when the
+/// recorded one is at least this old. Writing it on every request made
+/// every API call wait for a commit (a WAL flush on PostgreSQL) and queued
+/// concurrent requests with one key behind that key's row lock.
+pub const API_KEY_USE_PRECISION: chrono::TimeDelta = chrono::TimeDelta::seconds(60);
+
+/// Whether a key last used at `last_used` is to be recorded as used `now`.
+fn use_to_record(last_used: Option<DateTime<Utc>>, now: DateTime<Utc>) -> bool {
+    last_used.is_none_or(|at| now - at >= API_KEY_USE_PRECISION)
+}
+
 /// Which organizations a request may see: one, or all (super admins).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Scope {
@@ -475,7 +486,8 @@ pub trait Store: Send + Sync + 'static {
 
     // API keys.
     async fn create_api_key(&self, key: NewApiKey) -> Result<ApiKey>;
-    /// Finds a usable key by hash (not revoked, not expired) and records its use.
+    /// Finds a usable key by hash (not revoked, not expired) and records its
+    /// use, to within [`API_KEY_USE_PRECISION`].
     async fn authenticate_api_key(
         &self,
         token_hash: &str,

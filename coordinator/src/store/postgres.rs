@@ -452,10 +452,9 @@ impl Store for PgStore {
         let client = self.client().await?;
         let row = client
             .query_opt(
-                "UPDATE api_keys k SET last_used_at = $2 FROM identities i, organizations o \
-                 WHERE k.token_hash = $1 AND k.revoked_at IS NULL AND (k.expires_at IS NULL OR k.expires_at > $2) \
-                   AND i.id = k.identity_id AND o.id = i.org_id \
-                 RETURNING k.*, i.name AS identity_name, i.role, o.name AS org_name",
+                "SELECT k.*, i.name AS identity_name, i.role, o.name AS org_name \
+                 FROM api_keys k JOIN identities i ON i.id = k.identity_id JOIN organizations o ON o.id = i.org_id \
+                 WHERE k.token_hash = $1 AND k.revoked_at IS NULL AND (k.expires_at IS NULL OR k.expires_at > $2)",
                 &[&token_hash, &now],
             )
             .await
@@ -470,7 +469,19 @@ impl Store for PgStore {
             role: Role::parse(&role)
                 .ok_or_else(|| StoreError::Corrupt(format!("role '{role}'")))?,
         };
-        Ok(Some((api_key_from_row(&row), identity)))
+        let mut key = api_key_from_row(&row);
+        if super::use_to_record(key.last_used_at, now) {
+            client
+                .execute(
+                    "UPDATE api_keys SET last_used_at = $2 \
+                     WHERE id = $1 AND (last_used_at IS NULL OR last_used_at < $2)",
+                    &[&key.id, &now],
+                )
+                .await
+                .map_err(db_err)?;
+            key.last_used_at = Some(now);
+        }
+        Ok(Some((key, identity)))
     }
 
     async fn list_api_keys(&self, scope: Scope, page: Page) -> Result<(i64, Vec<ApiKey>)> {

@@ -813,48 +813,50 @@ impl Store for SqliteStore {
         now: DateTime<Utc>,
     ) -> Result<Option<(ApiKey, Identity)>> {
         let token_hash = token_hash.to_owned();
-        self.write(move |conn| {
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            // SQLite's RETURNING sees only the updated table, so the key is
-            // marked used first and read with its identity after, in one
-            // transaction.
-            let id: Option<String> = tx
-                .query_row(
-                    "UPDATE api_keys SET last_used_at = ?2 \
-                     WHERE token_hash = ?1 AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at > ?2) \
-                       AND EXISTS (SELECT 1 FROM identities i JOIN organizations o ON o.id = i.org_id \
-                                   WHERE i.id = api_keys.identity_id) \
-                     RETURNING id",
+        let found = self
+            .read(move |conn| {
+                query_opt(
+                    conn,
+                    &format!(
+                        "SELECT {API_KEY_COLUMNS}, i.name AS identity_name, i.role, o.name AS org_name \
+                         FROM api_keys k JOIN identities i ON i.id = k.identity_id \
+                         JOIN organizations o ON o.id = i.org_id \
+                         WHERE k.token_hash = ?1 AND k.revoked_at IS NULL \
+                           AND (k.expires_at IS NULL OR k.expires_at > ?2)"
+                    ),
                     params![token_hash, micros(now)],
-                    |row| row.get(0),
+                    |row| {
+                        let role: String = get(row, "role")?;
+                        let identity = Identity {
+                            id: uuid_col(row, "identity_id")?,
+                            org_id: uuid_col(row, "org_id")?,
+                            org_name: get(row, "org_name")?,
+                            name: get(row, "identity_name")?,
+                            role: Role::parse(&role)
+                                .ok_or_else(|| StoreError::Corrupt(format!("role '{role}'")))?,
+                        };
+                        Ok((api_key_from_row(row)?, identity))
+                    },
                 )
-                .optional()?;
-            let Some(id) = id else { return Ok(None) };
-            let found = query_opt(
-                &tx,
-                &format!(
-                    "SELECT {API_KEY_COLUMNS}, i.name AS identity_name, i.role, o.name AS org_name \
-                     FROM api_keys k JOIN identities i ON i.id = k.identity_id \
-                     JOIN organizations o ON o.id = i.org_id WHERE k.id = ?1"
-                ),
-                [id],
-                |row| {
-                    let role: String = get(row, "role")?;
-                    let identity = Identity {
-                        id: uuid_col(row, "identity_id")?,
-                        org_id: uuid_col(row, "org_id")?,
-                        org_name: get(row, "org_name")?,
-                        name: get(row, "identity_name")?,
-                        role: Role::parse(&role)
-                            .ok_or_else(|| StoreError::Corrupt(format!("role '{role}'")))?,
-                    };
-                    Ok((api_key_from_row(row)?, identity))
-                },
-            )?;
-            tx.commit()?;
-            Ok(found)
-        })
-        .await
+            })
+            .await?;
+        let Some((mut key, identity)) = found else {
+            return Ok(None);
+        };
+        if super::use_to_record(key.last_used_at, now) {
+            let id = id_text(key.id);
+            self.write(move |conn| {
+                conn.execute(
+                    "UPDATE api_keys SET last_used_at = ?2 \
+                     WHERE id = ?1 AND (last_used_at IS NULL OR last_used_at < ?2)",
+                    params![id, micros(now)],
+                )?;
+                Ok(())
+            })
+            .await?;
+            key.last_used_at = Some(now);
+        }
+        Ok(Some((key, identity)))
     }
 
     async fn list_api_keys(&self, scope: Scope, page: Page) -> Result<(i64, Vec<ApiKey>)> {

@@ -1,0 +1,194 @@
+//! `muster-bench`: runs one benchmark scenario against real processes and
+//! prints its table. See `BENCHMARKS.md`.
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use muster_bench::harness::{Binaries, StoreKind};
+
+#[derive(Parser)]
+#[command(
+    name = "muster-bench",
+    about = "Muster's benchmarks against the real coordinator, runners and databases (see BENCHMARKS.md)"
+)]
+struct Cli {
+    /// PostgreSQL URL of a role that may create databases; each scenario
+    /// works in a database of its own, dropped at the end.
+    #[arg(
+        long,
+        global = true,
+        env = "MUSTER_TEST_DATABASE_URL",
+        hide_env_values = true
+    )]
+    database_url: Option<String>,
+
+    /// Directory of the built `muster-coordinator` and `muster-runner`
+    /// (default: this executable's, so build them with the same profile).
+    #[arg(long, global = true)]
+    bin_dir: Option<std::path::PathBuf>,
+
+    #[command(subcommand)]
+    scenario: Scenario,
+}
+
+#[derive(Subcommand)]
+enum Scenario {
+    /// Trigger → lease received by an idle runner, one run at a time, with
+    /// simulated runners on real mTLS streams.
+    Dispatch {
+        /// Runs measured per configuration.
+        #[arg(long, default_value_t = 10_000)]
+        runs: usize,
+        /// Runs before the measured ones, not counted.
+        #[arg(long, default_value_t = 200)]
+        warmup: usize,
+        /// Numbers of connected runners to measure with, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "1,50")]
+        runners: Vec<usize>,
+        /// Stores to measure on, comma-separated: postgres, sqlite.
+        #[arg(long, value_delimiter = ',', default_value = "postgres,sqlite")]
+        store: Vec<String>,
+    },
+    /// Sustained no-op runs per second through the whole lifecycle with
+    /// `muster-runner` processes, beside `pgbench -N` on the same PostgreSQL.
+    Throughput {
+        /// Runs to complete in the measured phase.
+        #[arg(long, default_value_t = 2_000)]
+        runs: usize,
+        /// Concurrent HTTP clients triggering runs (and pgbench clients).
+        #[arg(long, default_value_t = 8)]
+        clients: usize,
+        /// `muster-runner` processes.
+        #[arg(long, default_value_t = 1)]
+        runner_processes: usize,
+        /// Capacity of each runner (default: twice the cores).
+        #[arg(long)]
+        capacity: Option<u32>,
+        /// postgres or sqlite (pgbench runs only beside postgres).
+        #[arg(long, default_value = "postgres")]
+        store: String,
+        /// Skip the pgbench comparison.
+        #[arg(long)]
+        no_pgbench: bool,
+        /// How long pgbench -N runs.
+        #[arg(long, default_value_t = 20)]
+        pgbench_seconds: u64,
+        /// pgbench's scale factor for its throwaway database.
+        #[arg(long, default_value_t = 1)]
+        pgbench_scale: u32,
+    },
+    /// Log ingest of `seq 1 N` (rate, completeness) and live-tail latency.
+    Logs {
+        /// Lines the ingest job prints.
+        #[arg(long, default_value_t = 1_000_000)]
+        lines: u64,
+        /// Lines the tail job prints, one about every millisecond.
+        #[arg(long, default_value_t = 5_000)]
+        tail_lines: u64,
+        /// postgres or sqlite.
+        #[arg(long, default_value = "postgres")]
+        store: String,
+    },
+}
+
+#[tokio::main]
+async fn main() {
+    // The runner code used by simulated runners logs through tracing; only
+    // its warnings matter here.
+    muster_common::telemetry::init_with_default("warn");
+    let cli = Cli::parse();
+    let outcome = tokio::select! {
+        outcome = run(cli) => outcome,
+        _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+    };
+    // Dropping the scenario above killed its processes and dropped its databases.
+    if let Err(error) = outcome {
+        eprintln!("muster-bench: {error:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let bins = Binaries::locate(cli.bin_dir.as_deref())?;
+    println!("machine: {}", muster_bench::machine());
+    if cfg!(debug_assertions) {
+        println!("build: debug — figures are not representative; run with `cargo run --release -p muster-bench`");
+    }
+    let stores = |names: &[String]| -> anyhow::Result<Vec<StoreKind>> {
+        names.iter().map(|n| StoreKind::parse(n)).collect()
+    };
+    match cli.scenario {
+        Scenario::Dispatch {
+            runs,
+            warmup,
+            runners,
+            store,
+        } => {
+            anyhow::ensure!(runs > 0, "--runs: expected at least 1");
+            anyhow::ensure!(
+                runners.iter().all(|n| (1..=5000).contains(n)),
+                "--runners: expected numbers from 1 to 5000"
+            );
+            let options = muster_bench::dispatch::Options {
+                stores: stores(&store)?,
+                runners,
+                runs,
+                warmup,
+                database_url: cli.database_url,
+            };
+            muster_bench::dispatch::run(&bins, &options).await
+        }
+        Scenario::Throughput {
+            runs,
+            clients,
+            runner_processes,
+            capacity,
+            store,
+            no_pgbench,
+            pgbench_seconds,
+            pgbench_scale,
+        } => {
+            anyhow::ensure!(runs > 0, "--runs: expected at least 1");
+            anyhow::ensure!(clients > 0, "--clients: expected at least 1");
+            anyhow::ensure!(
+                runner_processes > 0,
+                "--runner-processes: expected at least 1"
+            );
+            let capacity = capacity.unwrap_or(2 * muster_bench::cores() as u32);
+            anyhow::ensure!(
+                (1..=1024).contains(&capacity),
+                "--capacity: expected 1 to 1024"
+            );
+            let options = muster_bench::throughput::Options {
+                store: StoreKind::parse(&store)?,
+                runs,
+                clients,
+                runner_processes,
+                capacity,
+                pgbench: !no_pgbench,
+                pgbench_seconds,
+                pgbench_scale,
+                database_url: cli.database_url,
+            };
+            muster_bench::throughput::run(&bins, &options).await
+        }
+        Scenario::Logs {
+            lines,
+            tail_lines,
+            store,
+        } => {
+            anyhow::ensure!(
+                lines > 0 && tail_lines > 0,
+                "--lines, --tail-lines: expected at least 1"
+            );
+            let options = muster_bench::logs::Options {
+                store: StoreKind::parse(&store)?,
+                lines,
+                tail_lines,
+                database_url: cli.database_url,
+            };
+            muster_bench::logs::run(&bins, &options)
+                .await
+                .context("logs scenario")
+        }
+    }
+}
