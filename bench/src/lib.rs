@@ -7,8 +7,11 @@
 //! - [`dispatch`]: trigger → lease latency with simulated runners ([`sim`]);
 //! - [`throughput`]: runs per second through the whole lifecycle beside
 //!   `pgbench -N` on the same PostgreSQL;
-//! - [`logs`]: log ingest rate and completeness, and live-tail latency.
+//! - [`logs`]: log ingest rate and completeness, and live-tail latency;
+//! - [`agents`]: the monitoring agent's checks per second, CPU and memory
+//!   beside Prometheus' blackbox_exporter on the same local HTTP targets.
 
+pub mod agents;
 pub mod dispatch;
 pub mod harness;
 pub mod logs;

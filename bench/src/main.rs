@@ -88,6 +88,37 @@ enum Scenario {
         #[arg(long, default_value = "postgres")]
         store: String,
     },
+    /// The monitoring agent (`muster-agent` against a real coordinator)
+    /// beside Prometheus' blackbox_exporter on the same local HTTP targets:
+    /// checks per second, CPU and peak memory of each, and the agent's
+    /// memory with 10,000 endpoints.
+    Agents {
+        /// Endpoints of the agent, each checked every second (the demand in
+        /// checks per second); comma-separated to measure several.
+        #[arg(long, value_delimiter = ',', default_value = "5000")]
+        endpoints: Vec<usize>,
+        /// Length of each measured window, in seconds.
+        #[arg(long, default_value_t = 30)]
+        seconds: u64,
+        /// Endpoints of the agent's memory measurement.
+        #[arg(long, default_value_t = 10_000)]
+        memory_endpoints: usize,
+        /// Their interval, in seconds.
+        #[arg(long, default_value_t = 60)]
+        memory_interval: u32,
+        /// Concurrent `/probe` requests sent to blackbox_exporter.
+        #[arg(long, default_value_t = 128)]
+        concurrency: usize,
+        /// Loopback HTTP servers the checks are spread over.
+        #[arg(long, default_value_t = 4)]
+        targets: usize,
+        /// The blackbox_exporter binary (scripts/bench-env.sh installs it).
+        #[arg(long, default_value = "prometheus-blackbox-exporter")]
+        exporter: String,
+        /// Measure the agent only.
+        #[arg(long)]
+        no_exporter: bool,
+    },
 }
 
 #[tokio::main]
@@ -193,6 +224,51 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             muster_bench::logs::run(&bins, &options)
                 .await
                 .context("logs scenario")
+        }
+        Scenario::Agents {
+            endpoints,
+            seconds,
+            memory_endpoints,
+            memory_interval,
+            concurrency,
+            targets,
+            exporter,
+            no_exporter,
+        } => {
+            anyhow::ensure!(
+                endpoints.iter().all(|n| (1..=100_000).contains(n)),
+                "--endpoints: expected numbers from 1 to 100000"
+            );
+            anyhow::ensure!(
+                (1..=3600).contains(&seconds),
+                "--seconds: expected 1 to 3600"
+            );
+            anyhow::ensure!(
+                (1..=100_000).contains(&memory_endpoints),
+                "--memory-endpoints: expected 1 to 100000"
+            );
+            anyhow::ensure!(
+                (1..=3600).contains(&memory_interval),
+                "--memory-interval: expected 1 to 3600 seconds"
+            );
+            anyhow::ensure!(
+                (1..=4096).contains(&concurrency),
+                "--concurrency: expected 1 to 4096"
+            );
+            anyhow::ensure!((1..=64).contains(&targets), "--targets: expected 1 to 64");
+            let options = muster_bench::agents::Options {
+                endpoints,
+                seconds,
+                memory_endpoints,
+                memory_interval,
+                concurrency,
+                targets,
+                exporter,
+                no_exporter,
+            };
+            muster_bench::agents::run(&bins, &options)
+                .await
+                .context("agents scenario")
         }
     };
     println!("load average at the end: {}", muster_bench::load_average());
