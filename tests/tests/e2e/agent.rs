@@ -319,8 +319,18 @@ async fn an_agent_checks_real_servers_and_a_stopped_one_alerts_once() -> anyhow:
     webhook.wait_for("endpoint_resolved", 1).await?;
     // Checks go on; nothing more is said about this incident.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    assert_eq!(webhook.count("endpoint_down"), 1, "{:?}", webhook.received());
-    assert_eq!(webhook.count("endpoint_resolved"), 1, "{:?}", webhook.received());
+    assert_eq!(
+        webhook.count("endpoint_down"),
+        1,
+        "{:?}",
+        webhook.received()
+    );
+    assert_eq!(
+        webhook.count("endpoint_resolved"),
+        1,
+        "{:?}",
+        webhook.received()
+    );
 
     http.stop().await;
     process.stop().await;
