@@ -4,10 +4,12 @@
 //! 127.0.0.1 and a DNS server. The coordinator shows each endpoint's state,
 //! phase timings and certificate expiry; a server that stops gives one alert
 //! and, when it returns, one resolve; a coordinator away for two minutes
-//! leaves no gap in the history.
+//! leaves no gap in the history; two agents in two sites (network
+//! namespaces the test makes) need a quorum to call an endpoint down.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,7 +28,9 @@ struct AgentProcess {
 }
 
 impl AgentProcess {
-    async fn start(coordinator: &str, token: &str, location: &str) -> anyhow::Result<AgentProcess> {
+    /// Starts the agent in the calling thread's network namespace (a child
+    /// inherits it); needs a Tokio runtime entered.
+    fn start(coordinator: &str, token: &str, location: &str) -> anyhow::Result<AgentProcess> {
         let dir = tempfile::tempdir()?;
         let log = std::fs::File::create(dir.path().join("agent.log"))?;
         let child = tokio::process::Command::new(built_binary("muster-agent")?)
@@ -271,8 +275,7 @@ async fn an_agent_checks_real_servers_and_a_stopped_one_alerts_once() -> anyhow:
         &format!("http://{}", c.coordinator.http_addr),
         &agent.token,
         "site-a",
-    )
-    .await?;
+    )?;
     let context = || process.log();
 
     let web_up = c.wait_status(&web, "up").await.with_context(context)?;
@@ -393,8 +396,7 @@ async fn the_history_has_no_gap_for_two_minutes_without_the_coordinator() -> any
         &base,
         agent["token"].as_str().context("agent token")?,
         "site-a",
-    )
-    .await?;
+    )?;
     let results = |query: String| {
         let request = api
             .get(format!("{base}/api/v1/endpoints/{web}/results/?{query}"))
@@ -465,6 +467,225 @@ async fn the_history_has_no_gap_for_two_minutes_without_the_coordinator() -> any
 
     process.stop().await;
     coordinator.kill().await?;
+    db.drop_db().await;
+    Ok(())
+}
+
+/// An HTTP server on a listener it is given, answering `GET /` with 200 while
+/// `healthy` is set and 503 otherwise, counting the requests it gets.
+struct SwitchableServer {
+    healthy: Arc<AtomicBool>,
+    hits: Arc<AtomicUsize>,
+    stop: CancellationToken,
+}
+
+impl SwitchableServer {
+    fn serve(listener: std::net::TcpListener) -> anyhow::Result<SwitchableServer> {
+        listener.set_nonblocking(true)?;
+        let listener = tokio::net::TcpListener::from_std(listener)?;
+        let healthy = Arc::new(AtomicBool::new(true));
+        let hits = Arc::new(AtomicUsize::new(0));
+        let (h, n) = (healthy.clone(), hits.clone());
+        let app = axum::Router::new().route(
+            "/",
+            axum::routing::get(move || {
+                n.fetch_add(1, Ordering::Relaxed);
+                let ok = h.load(Ordering::Relaxed);
+                async move {
+                    if ok {
+                        axum::http::StatusCode::OK
+                    } else {
+                        axum::http::StatusCode::SERVICE_UNAVAILABLE
+                    }
+                }
+            }),
+        );
+        let stop = CancellationToken::new();
+        let shutdown = stop.clone();
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(async move { shutdown.cancelled().await })
+                .await;
+        });
+        Ok(SwitchableServer {
+            healthy,
+            hits,
+            stop,
+        })
+    }
+
+    fn set_healthy(&self, healthy: bool) {
+        self.healthy.store(healthy, Ordering::Relaxed);
+    }
+
+    fn hits(&self) -> usize {
+        self.hits.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for SwitchableServer {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// Runs `f` on a thread of its own in a fresh network namespace with its
+/// loopback up: another site, whose 127.0.0.1 is not the host's. Sockets
+/// bound and processes started there stay in that namespace after the
+/// thread ends (the test runs as root; `ip` comes from iproute2, installed
+/// by scripts/test-env.sh).
+fn in_another_site<T: Send>(f: impl FnOnce() -> anyhow::Result<T> + Send) -> anyhow::Result<T> {
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+                    .context("a network namespace of the test's own (the test runs as root)")?;
+                let up = std::process::Command::new("ip")
+                    .args(["link", "set", "lo", "up"])
+                    .status()
+                    .context("ip (iproute2, installed by scripts/test-env.sh)")?;
+                anyhow::ensure!(up.success(), "ip link set lo up: {up}");
+                f()
+            })
+            .join()
+            .map_err(|_| anyhow::anyhow!("the namespace's thread panicked"))?
+    })
+}
+
+/// Forwards every connection accepted on `listener` (in another site) to
+/// `to` (on the host): the one way out of that site, to the coordinator.
+fn forward(listener: std::net::TcpListener, to: SocketAddr) -> anyhow::Result<CancellationToken> {
+    listener.set_nonblocking(true)?;
+    let listener = tokio::net::TcpListener::from_std(listener)?;
+    let stop = CancellationToken::new();
+    let stopped = stop.clone();
+    tokio::spawn(async move {
+        loop {
+            let (mut inbound, _) = tokio::select! {
+                _ = stopped.cancelled() => return,
+                accepted = listener.accept() => match accepted {
+                    Ok(accepted) => accepted,
+                    Err(_) => continue,
+                },
+            };
+            let stopped = stopped.clone();
+            tokio::spawn(async move {
+                // Connected from a runtime thread: in the host's namespace.
+                let Ok(mut outbound) = tokio::net::TcpStream::connect(to).await else {
+                    return;
+                };
+                tokio::select! {
+                    _ = stopped.cancelled() => {}
+                    _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                }
+            });
+        }
+    });
+    Ok(stop)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_agents_in_two_sites_need_a_quorum_to_call_an_endpoint_down() -> anyhow::Result<()> {
+    let db = TestDb::create().await?;
+    let c = TestCoordinator::start(&db).await?;
+    let webhook = WebhookReceiver::start(0).await?;
+    webhook.register(&c, &c.admin_key).await?;
+    let berlin = c.create_agent("berlin", "site-a").await?;
+    let paris = c.create_agent("paris", "site-b").await?;
+
+    // The same target, http://127.0.0.1:<port>/, is a different server in
+    // each site: site-a is the host, site-b a namespace of its own.
+    let host = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let port = host.local_addr()?.port();
+    let server_a = SwitchableServer::serve(host)?;
+    let runtime = tokio::runtime::Handle::current();
+    let (server_b, exit, agent_b) = in_another_site(|| {
+        let server = std::net::TcpListener::bind(("127.0.0.1", port))?;
+        let exit = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let coordinator = format!("http://{}", exit.local_addr()?);
+        let _runtime = runtime.enter();
+        let agent = AgentProcess::start(&coordinator, &paris.token, "site-b")?;
+        Ok((server, exit, agent))
+    })?;
+    let server_b = SwitchableServer::serve(server_b)?;
+    let forwarding = forward(exit, c.coordinator.http_addr)?;
+    let agent_a = AgentProcess::start(
+        &format!("http://{}", c.coordinator.http_addr),
+        &berlin.token,
+        "site-a",
+    )?;
+    let context = || format!("site-a:\n{}\nsite-b:\n{}", agent_a.log(), agent_b.log());
+
+    let web = c
+        .create_endpoint(endpoint(
+            "web",
+            "http",
+            &format!("http://127.0.0.1:{port}/"),
+            json!(["[STATUS] == 200"]),
+            json!({"locations": ["site-a", "site-b"], "min_failing_locations": 2}),
+        ))
+        .await?;
+    let states = |endpoint: &Value| -> Vec<(String, String)> {
+        endpoint["location_states"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|s| Some((s["location"].as_str()?.into(), s["state"].as_str()?.into())))
+            .collect()
+    };
+    let pair = |a: &str, b: &str| {
+        vec![
+            ("site-a".to_owned(), a.to_owned()),
+            ("site-b".to_owned(), b.to_owned()),
+        ]
+    };
+
+    let up = c.wait_status(&web, "up").await.with_context(context)?;
+    wait_until(Duration::from_secs(15), "both sites up", || async {
+        Ok(states(&c.endpoint(&web).await?) == pair("up", "up"))
+    })
+    .await
+    .with_context(|| format!("{up}\n{}", context()))?;
+    // Each site's agent checked its own server.
+    assert!(
+        server_a.hits() > 0 && server_b.hits() > 0,
+        "{} {}",
+        server_a.hits(),
+        server_b.hits()
+    );
+
+    // One site fails: degraded, and nobody is told.
+    server_a.set_healthy(false);
+    let degraded = c
+        .wait_status(&web, "degraded")
+        .await
+        .with_context(context)?;
+    assert_eq!(states(&degraded), pair("down", "up"), "{degraded}");
+    assert!(degraded["incident"].is_null(), "{degraded}");
+
+    // Both fail: down, one alert.
+    server_b.set_healthy(false);
+    let down = c.wait_status(&web, "down").await.with_context(context)?;
+    assert_eq!(states(&down), pair("down", "down"), "{down}");
+    webhook.wait_for("endpoint_down", 1).await?;
+    assert_eq!(webhook.received().len(), 1, "{:?}", webhook.received());
+
+    // Both recover: up, one resolve.
+    server_a.set_healthy(true);
+    server_b.set_healthy(true);
+    c.wait_status(&web, "up").await.with_context(context)?;
+    webhook.wait_for("endpoint_resolved", 1).await?;
+    assert_eq!(
+        webhook.count("endpoint_down"),
+        1,
+        "{:?}",
+        webhook.received()
+    );
+
+    forwarding.cancel();
+    agent_a.stop().await;
+    agent_b.stop().await;
+    c.stop().await;
     db.drop_db().await;
     Ok(())
 }
