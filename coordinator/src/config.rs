@@ -92,6 +92,17 @@ pub struct Config {
     /// it; tests shorten it.
     #[arg(skip)]
     pub agent_silence: Option<Duration>,
+
+    /// Address ranges webhooks may reach although they are loopback,
+    /// link-local, unspecified, multicast or broadcast, comma-separated
+    /// (`127.0.0.1/32,fe80::/10`). Without one, webhooks reach every other
+    /// address, private networks included, and none of those.
+    #[arg(
+        long = "webhook-allow-network",
+        env = "MUSTER_WEBHOOK_ALLOW_NETWORKS",
+        value_delimiter = ','
+    )]
+    pub webhook_allow_networks: Vec<crate::monitoring::destination::Network>,
 }
 
 /// Where the coordinator keeps its state.
@@ -122,6 +133,8 @@ impl Config {
             database_max_connections: 8,
             monitoring_retention_days: 30,
             agent_silence: None,
+            // Tests run their webhook receivers on loopback.
+            webhook_allow_networks: vec!["127.0.0.0/8".parse().expect("a valid network")],
         }
     }
 
@@ -205,6 +218,9 @@ impl Config {
                 .agent_silence
                 .unwrap_or(crate::monitoring::DEFAULT_AGENT_SILENCE),
             retention: Duration::from_secs(self.monitoring_retention_days * 24 * 3600),
+            webhooks: crate::monitoring::destination::Destinations::new(
+                &self.webhook_allow_networks,
+            ),
         }
     }
 

@@ -255,6 +255,14 @@ pub struct WebhookReceiver {
 
 impl WebhookReceiver {
     pub async fn start(fail_first: usize) -> anyhow::Result<WebhookReceiver> {
+        Self::start_on(std::net::Ipv4Addr::LOCALHOST.into(), fail_first).await
+    }
+
+    /// Like `start`, on another loopback address (127.0.0.2, say).
+    pub async fn start_on(
+        ip: std::net::IpAddr,
+        fail_first: usize,
+    ) -> anyhow::Result<WebhookReceiver> {
         let received = Arc::new(Mutex::new(Vec::new()));
         let posts = Arc::new(Mutex::new(0usize));
         let (r, p) = (received.clone(), posts.clone());
@@ -279,7 +287,7 @@ impl WebhookReceiver {
                 }
             }),
         );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let listener = tokio::net::TcpListener::bind((ip, 0)).await?;
         let addr: SocketAddr = listener.local_addr()?;
         let shutdown = CancellationToken::new();
         let stop = shutdown.clone();

@@ -1373,6 +1373,7 @@ pub struct NewNotifierBody {
 )]
 async fn create_notifier(
     axum::extract::State(state): State,
+    Extension(m): Extension<Monitoring>,
     caller: Caller,
     body: JsonBody,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
@@ -1394,6 +1395,9 @@ async fn create_notifier(
             "url: expected an http:// or https:// URL of at most 2048 characters, found {:?}",
             body.url
         )));
+    }
+    if let Err(why) = m.settings.webhooks.check_url(&body.url) {
+        return Err(ServiceError::unprocessable(format!("url: {why}")));
     }
     let notifier = state
         .store

@@ -43,6 +43,7 @@
 //!   checks in that time).
 
 pub mod api;
+pub mod destination;
 pub mod eval;
 pub mod notify;
 
@@ -388,6 +389,8 @@ pub struct Settings {
     pub agent_silence: Duration,
     /// Results older than this are deleted (and refused when reported).
     pub retention: Duration,
+    /// Where webhooks may be posted.
+    pub webhooks: destination::Destinations,
 }
 
 /// What the monitoring routes need beyond the API's state: the settings,
@@ -407,7 +410,7 @@ pub fn start(
     shutdown: CancellationToken,
 ) -> anyhow::Result<Monitoring> {
     let outbox = Arc::new(Notify::new());
-    let client = notify::client()?;
+    let client = notify::client(settings.webhooks.clone())?;
     tracker.spawn(watch_agents(
         store.clone(),
         settings.agent_silence,
@@ -417,6 +420,7 @@ pub fn start(
     tracker.spawn(notify::deliver(
         store.clone(),
         client,
+        settings.webhooks.clone(),
         outbox.clone(),
         shutdown.clone(),
     ));

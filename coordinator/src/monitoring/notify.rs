@@ -23,6 +23,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use super::destination::Destinations;
 use super::{Agent, Delivery, Endpoint, Incident, LocationState, Notification, Status};
 use crate::store::Store;
 
@@ -300,9 +301,13 @@ fn lasted(from: DateTime<Utc>, to: DateTime<Utc>) -> String {
     }
 }
 
-/// The HTTP client webhooks are posted with.
-pub fn client() -> anyhow::Result<reqwest::Client> {
+/// The HTTP client webhooks are posted with; it connects only to the
+/// addresses `destinations` lets webhooks reach.
+pub fn client(destinations: Destinations) -> anyhow::Result<reqwest::Client> {
     Ok(reqwest::Client::builder()
+        .dns_resolver(Arc::new(destinations))
+        // A proxy would connect on our behalf, past the resolver.
+        .no_proxy()
         .timeout(POST_TIMEOUT)
         .user_agent(concat!("muster-coordinator/", env!("CARGO_PKG_VERSION")))
         // A webhook answers; it does not send us elsewhere.
@@ -323,6 +328,7 @@ pub fn backoff(attempts: i32) -> Duration {
 pub async fn deliver(
     store: Arc<dyn Store>,
     client: reqwest::Client,
+    destinations: Destinations,
     wake: Arc<Notify>,
     shutdown: CancellationToken,
 ) {
@@ -346,8 +352,9 @@ pub async fn deliver(
         futures_util::stream::iter(claimed)
             .for_each_concurrent(CONCURRENT_POSTS, |message| {
                 let (store, client) = (store.clone(), client.clone());
+                let destinations = &destinations;
                 async move {
-                    let outcome = post(&client, &message).await;
+                    let outcome = post(&client, destinations, &message).await;
                     if let Err(error) = store
                         .settle_notification(message.id, owner, &outcome, Utc::now())
                         .await
@@ -369,8 +376,18 @@ pub async fn deliver(
     }
 }
 
-async fn post(client: &reqwest::Client, message: &Notification) -> Delivery {
+async fn post(
+    client: &reqwest::Client,
+    destinations: &Destinations,
+    message: &Notification,
+) -> Delivery {
     let event = message.payload["event"].as_str().unwrap_or("").to_owned();
+    // A URL whose host is an address does not pass the resolver; one made
+    // before the operator narrowed the destinations is refused here.
+    if let Err(why) = destinations.check_url(&message.url) {
+        tracing::error!(notification_id = %message.id, notifier_id = %message.notifier_id, %event, error = %why, "notification given up");
+        return Delivery::GaveUp { error: why };
+    }
     let failure = match client
         .post(&message.url)
         .header("X-Muster-Event", &event)

@@ -813,3 +813,74 @@ async fn bad_endpoints_and_batches_are_refused_with_what_was_wrong() -> anyhow::
     db.drop_db().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhooks_reach_only_the_addresses_the_operator_allows() -> anyhow::Result<()> {
+    let db = TestDb::create().await?;
+    // Of the host's loopback, only 127.0.0.2 is open to webhooks.
+    let c = TestCoordinator::start_with(&db, |config| {
+        config.webhook_allow_networks = vec!["127.0.0.2/32".parse().expect("a network")];
+    })
+    .await?;
+    for (url, expected) in [
+        (
+            "http://127.0.0.1:9/hook",
+            "url: 127.0.0.1 is a loopback address",
+        ),
+        (
+            "http://169.254.169.254/latest/meta-data/",
+            "url: 169.254.169.254 is a link-local address",
+        ),
+        ("http://[::ffff:127.0.0.1]/hook", "loopback address"),
+        ("http://[::1]:9/hook", "url: ::1 is a loopback address"),
+        ("http://0.0.0.0:9/hook", "unspecified address"),
+    ] {
+        let (status, answer) = c
+            .call(
+                &c.admin_key,
+                Method::POST,
+                "/api/v1/notifiers/",
+                Some(json!({"kind": "webhook", "url": url})),
+            )
+            .await?;
+        assert_eq!(status, 422, "{url}: {answer}");
+        let detail = answer["detail"].as_str().unwrap_or_default();
+        assert!(detail.contains(expected), "{url}: {answer}");
+        assert!(
+            detail.contains("--webhook-allow-network"),
+            "{url}: {answer}"
+        );
+    }
+
+    let allowed = WebhookReceiver::start_on("127.0.0.2".parse()?, 0).await?;
+    allowed.register(&c, &c.admin_key).await?;
+    // A name is taken at creation; where it leads is looked at each post.
+    let behind_a_name = WebhookReceiver::start(0).await?;
+    let (status, answer) = c
+        .call(
+            &c.admin_key,
+            Method::POST,
+            "/api/v1/notifiers/",
+            Some(json!({"kind": "webhook", "url": behind_a_name.url.replace("127.0.0.1", "localhost")})),
+        )
+        .await?;
+    assert_eq!(status, 201, "{answer}");
+
+    let agent = c.create_agent("berlin", "site-a").await?;
+    let web = c
+        .create_endpoint(http_endpoint("web", &["site-a"], 1, 1, 1))
+        .await?;
+    agent.report_all(&web, &[Up]).await?;
+    c.wait_status(&web, "up").await?;
+    agent.report_all(&web, &[Down]).await?;
+    c.wait_status(&web, "down").await?;
+    allowed.wait_for("endpoint_down", 1).await?;
+    // Both notifiers' messages were sent at once; the refused one is not
+    // retried into a post later.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(behind_a_name.posts(), 0, "{:?}", behind_a_name.received());
+
+    c.coordinator.shutdown(Duration::from_secs(5)).await;
+    db.drop_db().await;
+    Ok(())
+}
