@@ -70,6 +70,9 @@ pub async fn run(bins: &Binaries, options: &Options) -> anyhow::Result<()> {
         options.runner_processes,
         options.capacity
     );
+    // The systems run one after the other on a machine that may be doing
+    // other things: the load when each started goes under the table.
+    let mut loads = vec![("Muster", crate::load_average())];
     let muster = measure(bins, options).await.context("Muster throughput")?;
     let muster_rate = options.runs as f64 / muster.elapsed.as_secs_f64();
     eprintln!(
@@ -83,6 +86,7 @@ pub async fn run(bins: &Binaries, options: &Options) -> anyhow::Result<()> {
             "throughput: pgbench -N, {} client(s), {} s",
             options.clients, options.pgbench_seconds
         );
+        loads.push(("pgbench -N", crate::load_average()));
         Some(pgbench(options).await.context("pgbench -N")?)
     } else {
         None
@@ -100,8 +104,10 @@ pub async fn run(bins: &Binaries, options: &Options) -> anyhow::Result<()> {
                 workers,
             };
             eprintln!("throughput: Celery, {workers} worker process(es)");
+            loads.push(("Celery", crate::load_average()));
             let celery = peers::celery(&peer_options).await.context("Celery")?;
             eprintln!("throughput: procrastinate, {workers} worker process(es)");
+            loads.push(("procrastinate", crate::load_average()));
             let procrastinate = peers::procrastinate(&peer_options)
                 .await
                 .context("procrastinate")?;
@@ -152,6 +158,18 @@ pub async fn run(bins: &Binaries, options: &Options) -> anyhow::Result<()> {
         versus_pgbench(muster_rate),
         "100 %".into(),
     ]);
+    if let Some(tps) = pgbench {
+        table.row(vec![
+            "pgbench -N (same PostgreSQL), transactions".into(),
+            options.clients.to_string(),
+            String::new(),
+            String::new(),
+            options.pgbench_seconds.to_string(),
+            rate(tps),
+            "100 %".into(),
+            versus_muster(tps),
+        ]);
+    }
     for (name, figures) in &peers {
         let jobs_per_second = figures.jobs_per_second();
         table.row(vec![
@@ -165,22 +183,18 @@ pub async fn run(bins: &Binaries, options: &Options) -> anyhow::Result<()> {
             versus_muster(jobs_per_second),
         ]);
     }
-    if let Some(tps) = pgbench {
-        table.row(vec![
-            "pgbench -N (same PostgreSQL), transactions".into(),
-            options.clients.to_string(),
-            String::new(),
-            String::new(),
-            options.pgbench_seconds.to_string(),
-            rate(tps),
-            "100 %".into(),
-            versus_muster(tps),
-        ]);
-    }
     println!("\nThroughput: no-op runs through the whole lifecycle\n");
     print!("{}", table.render());
+    let loads: Vec<String> = loads
+        .iter()
+        .map(|(system, load)| format!("{system} {load}"))
+        .collect();
     println!(
-        "\nTriggers accepted at {} runs/s (all {} in {:.1} s).",
+        "\nLoad average (1 min) as each started: {}.",
+        loads.join(", ")
+    );
+    println!(
+        "Triggers accepted at {} runs/s (all {} in {:.1} s).",
         rate(options.runs as f64 / muster.accepted_in.as_secs_f64()),
         options.runs,
         muster.accepted_in.as_secs_f64()
