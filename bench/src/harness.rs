@@ -153,7 +153,7 @@ async fn connect(url: &str) -> anyhow::Result<tokio_postgres::Client> {
 }
 
 /// A free loopback port (bound, then released for a process to take).
-fn free_port() -> anyhow::Result<u16> {
+pub(crate) fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
@@ -183,7 +183,7 @@ where
 }
 
 /// The last lines of a log file, to show why a process failed.
-fn tail_of(path: &Path) -> String {
+pub(crate) fn tail_of(path: &Path) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(20)..].join("\n")

@@ -6,7 +6,8 @@
 //!
 //! - [`dispatch`]: trigger → lease latency with simulated runners ([`sim`]);
 //! - [`throughput`]: runs per second through the whole lifecycle beside
-//!   `pgbench -N` on the same PostgreSQL;
+//!   `pgbench -N` on the same PostgreSQL and the [`peers`], Celery and
+//!   procrastinate;
 //! - [`logs`]: log ingest rate and completeness, and live-tail latency;
 //! - [`agents`]: the monitoring agent's checks per second, CPU and memory
 //!   beside Prometheus' blackbox_exporter on the same local HTTP targets.
@@ -15,6 +16,7 @@ pub mod agents;
 pub mod dispatch;
 pub mod harness;
 pub mod logs;
+pub mod peers;
 pub mod sim;
 pub mod sse;
 pub mod stats;

@@ -49,7 +49,8 @@ enum Scenario {
         store: Vec<String>,
     },
     /// Sustained no-op runs per second through the whole lifecycle with
-    /// `muster-runner` processes, beside `pgbench -N` on the same PostgreSQL.
+    /// `muster-runner` processes, beside `pgbench -N` on the same PostgreSQL
+    /// and the peers Celery (Redis) and procrastinate (PostgreSQL).
     Throughput {
         /// Runs to complete in the measured phase.
         #[arg(long, default_value_t = 2_000)]
@@ -75,6 +76,17 @@ enum Scenario {
         /// pgbench's scale factor for its throwaway database.
         #[arg(long, default_value_t = 1)]
         pgbench_scale: u32,
+        /// Skip the peers (Celery and procrastinate).
+        #[arg(long)]
+        no_peers: bool,
+        /// The Python with the peers installed, as `scripts/bench-env.sh`
+        /// prints it.
+        #[arg(long, env = "MUSTER_BENCH_PYTHON")]
+        python: Option<std::path::PathBuf>,
+        /// The redis-server binary Celery's broker and result backend run on
+        /// (a server of the benchmark's own, on a free port).
+        #[arg(long, default_value = "redis-server")]
+        redis_server: String,
     },
     /// Log ingest of `seq 1 N` (rate, completeness) and live-tail latency.
     Logs {
@@ -181,6 +193,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             no_pgbench,
             pgbench_seconds,
             pgbench_scale,
+            no_peers,
+            python,
+            redis_server,
         } => {
             anyhow::ensure!(runs > 0, "--runs: expected at least 1");
             anyhow::ensure!(clients > 0, "--clients: expected at least 1");
@@ -193,6 +208,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 (1..=1024).contains(&capacity),
                 "--capacity: expected 1 to 1024"
             );
+            let python = match (no_peers, python) {
+                (true, _) => None,
+                (false, Some(python)) => Some(python),
+                (false, None) => anyhow::bail!(
+                    "the throughput peers need a Python with celery and procrastinate: run \
+                     scripts/bench-env.sh and export the MUSTER_BENCH_PYTHON it prints, pass \
+                     --python, or skip them with --no-peers"
+                ),
+            };
             let options = muster_bench::throughput::Options {
                 store: StoreKind::parse(&store)?,
                 runs,
@@ -203,6 +227,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 pgbench_seconds,
                 pgbench_scale,
                 database_url: cli.database_url,
+                python,
+                redis_server,
             };
             muster_bench::throughput::run(&bins, &options).await
         }

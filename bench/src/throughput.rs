@@ -3,8 +3,11 @@
 //! processes with the process executor running `true`, result recorded —
 //! and, in the same invocation, `pgbench -N` on the same PostgreSQL with the
 //! same number of clients: the rate of simple write transactions the
-//! database can commit, which bounds any queue kept in it.
+//! database can commit, which bounds any queue kept in it — and the
+//! [`peers`](crate::peers), Celery and procrastinate, with as many worker
+//! processes as Muster has runner slots, as many clients and as many jobs.
 
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -13,6 +16,7 @@ use anyhow::{anyhow, bail, Context};
 use serde_json::json;
 
 use crate::harness::{wait_for, Binaries, Coordinator, RunnerProcess, ScratchDb, StoreKind};
+use crate::peers::{self, Figures};
 use crate::stats::{ms, rate, Summary, Table};
 
 pub struct Options {
@@ -25,6 +29,11 @@ pub struct Options {
     pub pgbench_seconds: u64,
     pub pgbench_scale: u32,
     pub database_url: Option<String>,
+    /// The Python that runs the peers (`scripts/bench-env.sh`); `None`
+    /// skips them.
+    pub python: Option<PathBuf>,
+    /// The `redis-server` binary Celery's broker and backend run on.
+    pub redis_server: String,
 }
 
 /// How long to wait for PostgreSQL's statistics to include the commits of
@@ -50,6 +59,9 @@ struct Phases {
 }
 
 pub async fn run(bins: &Binaries, options: &Options) -> anyhow::Result<()> {
+    if let Some(python) = &options.python {
+        peers::check_python(python).await?;
+    }
     eprintln!(
         "throughput: {} runs on {}, {} client(s), {} runner process(es) × capacity {}",
         options.runs,
@@ -58,6 +70,9 @@ pub async fn run(bins: &Binaries, options: &Options) -> anyhow::Result<()> {
         options.runner_processes,
         options.capacity
     );
+    // The systems run one after the other on a machine that may be doing
+    // other things: the load when each started goes under the table.
+    let mut loads = vec![("Muster", crate::load_average())];
     let muster = measure(bins, options).await.context("Muster throughput")?;
     let muster_rate = options.runs as f64 / muster.elapsed.as_secs_f64();
     eprintln!(
@@ -71,12 +86,55 @@ pub async fn run(bins: &Binaries, options: &Options) -> anyhow::Result<()> {
             "throughput: pgbench -N, {} client(s), {} s",
             options.clients, options.pgbench_seconds
         );
+        loads.push(("pgbench -N", crate::load_average()));
         Some(pgbench(options).await.context("pgbench -N")?)
     } else {
         None
     };
 
     let workers = options.runner_processes * options.capacity as usize;
+    let peers = match &options.python {
+        Some(python) => {
+            let peer_options = peers::Options {
+                python,
+                redis_server: &options.redis_server,
+                database_url: crate::database_url(&options.database_url)?,
+                jobs: options.runs,
+                clients: options.clients,
+                workers,
+            };
+            eprintln!("throughput: Celery, {workers} worker process(es)");
+            loads.push(("Celery", crate::load_average()));
+            let celery = peers::celery(&peer_options).await.context("Celery")?;
+            eprintln!("throughput: procrastinate, {workers} worker process(es)");
+            loads.push(("procrastinate", crate::load_average()));
+            let procrastinate = peers::procrastinate(&peer_options)
+                .await
+                .context("procrastinate")?;
+            vec![
+                (
+                    format!(
+                        "{} (broker and result backend), prefork pool",
+                        celery.version
+                    ),
+                    celery,
+                ),
+                (
+                    format!("{} (same PostgreSQL)", procrastinate.version),
+                    procrastinate,
+                ),
+            ]
+        }
+        None => Vec::new(),
+    };
+
+    let versus_pgbench = |jobs_per_second: f64| {
+        pgbench
+            .map(|tps| format!("{:.1} %", 100.0 * jobs_per_second / tps))
+            .unwrap_or_default()
+    };
+    let versus_muster =
+        |jobs_per_second: f64| format!("{:.0} %", 100.0 * jobs_per_second / muster_rate);
     let mut table = Table::new(&[
         "system",
         "clients",
@@ -85,6 +143,7 @@ pub async fn run(bins: &Binaries, options: &Options) -> anyhow::Result<()> {
         "seconds",
         "jobs/s",
         "vs pgbench -N",
+        "vs Muster",
     ]);
     table.row(vec![
         format!(
@@ -96,9 +155,8 @@ pub async fn run(bins: &Binaries, options: &Options) -> anyhow::Result<()> {
         options.runs.to_string(),
         format!("{:.1}", muster.elapsed.as_secs_f64()),
         rate(muster_rate),
-        pgbench
-            .map(|tps| format!("{:.1} %", 100.0 * muster_rate / tps))
-            .unwrap_or_default(),
+        versus_pgbench(muster_rate),
+        "100 %".into(),
     ]);
     if let Some(tps) = pgbench {
         table.row(vec![
@@ -109,16 +167,53 @@ pub async fn run(bins: &Binaries, options: &Options) -> anyhow::Result<()> {
             options.pgbench_seconds.to_string(),
             rate(tps),
             "100 %".into(),
+            versus_muster(tps),
+        ]);
+    }
+    for (name, figures) in &peers {
+        let jobs_per_second = figures.jobs_per_second();
+        table.row(vec![
+            name.clone(),
+            figures.clients.to_string(),
+            figures.workers.to_string(),
+            figures.jobs.to_string(),
+            format!("{:.1}", figures.seconds),
+            rate(jobs_per_second),
+            versus_pgbench(jobs_per_second),
+            versus_muster(jobs_per_second),
         ]);
     }
     println!("\nThroughput: no-op runs through the whole lifecycle\n");
     print!("{}", table.render());
+    let loads: Vec<String> = loads
+        .iter()
+        .map(|(system, load)| format!("{system} {load}"))
+        .collect();
     println!(
-        "\nTriggers accepted at {} runs/s (all {} in {:.1} s).",
+        "\nLoad average (1 min) as each started: {}.",
+        loads.join(", ")
+    );
+    println!(
+        "Triggers accepted at {} runs/s (all {} in {:.1} s).",
         rate(options.runs as f64 / muster.accepted_in.as_secs_f64()),
         options.runs,
         muster.accepted_in.as_secs_f64()
     );
+    for (
+        _,
+        Figures {
+            version,
+            jobs,
+            enqueue_seconds,
+            ..
+        },
+    ) in &peers
+    {
+        println!(
+            "{version}: jobs enqueued at {} jobs/s (all {jobs} in {enqueue_seconds:.1} s).",
+            rate(*jobs as f64 / enqueue_seconds)
+        );
+    }
     if let Some(commits) = muster.commits_per_run {
         println!("PostgreSQL transactions per run (pg_stat_database xact_commit, reads included): {commits:.1}.");
     }
