@@ -211,6 +211,7 @@ pub async fn start(config: Config) -> anyhow::Result<Coordinator> {
     let monitoring = monitoring::start(
         store.clone(),
         config.monitoring(),
+        metrics.clone(),
         &tracker,
         shutdown.clone(),
     )?;

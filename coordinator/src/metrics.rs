@@ -60,6 +60,8 @@ pub struct Metrics {
     log_chunks: IntCounter,
     lease_expirations: IntCounter,
     http_seconds: HistogramVec,
+    check_results: IntCounterVec,
+    notifications: IntCounterVec,
 }
 
 impl Default for Metrics {
@@ -129,6 +131,26 @@ impl Metrics {
                 IntCounter::new(
                     "muster_lease_expirations_total",
                     "Leases that ran out without a heartbeat, their runs taken back from their runners.",
+                ),
+            ),
+            check_results: register(
+                &registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "muster_check_results_total",
+                        "Endpoint check results reported by monitoring agents, by what became of them: stored, duplicate (stored before, a replay) or refused.",
+                    ),
+                    &["outcome"],
+                ),
+            ),
+            notifications: register(
+                &registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "muster_notifications_total",
+                        "Webhook posts of alerts and resolves, by outcome: sent, retried (to be posted again later) or given_up.",
+                    ),
+                    &["outcome"],
                 ),
             ),
             http_seconds: register(
@@ -213,6 +235,24 @@ impl Metrics {
     /// A lease ran out and its run was taken back.
     pub fn lease_expired(&self) {
         self.lease_expirations.inc();
+    }
+
+    /// A batch of check results was taken in.
+    pub fn check_results(&self, stored: usize, duplicates: usize, refused: usize) {
+        for (outcome, n) in [
+            ("stored", stored),
+            ("duplicate", duplicates),
+            ("refused", refused),
+        ] {
+            self.check_results
+                .with_label_values(&[outcome])
+                .inc_by(n as u64);
+        }
+    }
+
+    /// A webhook post ended `outcome`: `sent`, `retried` or `given_up`.
+    pub fn notification(&self, outcome: &'static str) {
+        self.notifications.with_label_values(&[outcome]).inc();
     }
 
     /// Every metric in the text exposition format, with the values read at

@@ -473,6 +473,9 @@ async fn agent_results(
         m.outbox.notify_one();
     }
     refused.extend(outcome.refused);
+    state
+        .metrics
+        .check_results(outcome.stored, outcome.duplicates, refused.len());
     if !refused.is_empty() {
         tracing::warn!(agent_id = %agent.id, refused = refused.len(), "results refused");
     }

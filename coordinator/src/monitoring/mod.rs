@@ -406,6 +406,7 @@ pub struct Monitoring {
 pub fn start(
     store: Arc<dyn Store>,
     settings: Settings,
+    metrics: Arc<crate::metrics::Metrics>,
     tracker: &TaskTracker,
     shutdown: CancellationToken,
 ) -> anyhow::Result<Monitoring> {
@@ -421,6 +422,7 @@ pub fn start(
         store.clone(),
         client,
         settings.webhooks.clone(),
+        metrics,
         outbox.clone(),
         shutdown.clone(),
     ));

@@ -25,6 +25,7 @@ use uuid::Uuid;
 
 use super::destination::Destinations;
 use super::{Agent, Delivery, Endpoint, Incident, LocationState, Notification, Status};
+use crate::metrics::Metrics;
 use crate::store::Store;
 
 /// How long a claimed message is ours to deliver before others may take it.
@@ -329,6 +330,7 @@ pub async fn deliver(
     store: Arc<dyn Store>,
     client: reqwest::Client,
     destinations: Destinations,
+    metrics: Arc<Metrics>,
     wake: Arc<Notify>,
     shutdown: CancellationToken,
 ) {
@@ -352,9 +354,14 @@ pub async fn deliver(
         futures_util::stream::iter(claimed)
             .for_each_concurrent(CONCURRENT_POSTS, |message| {
                 let (store, client) = (store.clone(), client.clone());
-                let destinations = &destinations;
+                let (destinations, metrics) = (&destinations, &metrics);
                 async move {
                     let outcome = post(&client, destinations, &message).await;
+                    metrics.notification(match outcome {
+                        Delivery::Sent => "sent",
+                        Delivery::Retry { .. } => "retried",
+                        Delivery::GaveUp { .. } => "given_up",
+                    });
                     if let Err(error) = store
                         .settle_notification(message.id, owner, &outcome, Utc::now())
                         .await

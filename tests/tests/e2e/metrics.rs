@@ -6,6 +6,8 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, ensure, Context};
+use muster_common::monitor::Verdict::{Down, Up};
+use muster_tests::monitoring::{check_result, WebhookReceiver};
 use muster_tests::{free_port, signal, TestCoordinator, TestDb};
 use serde_json::json;
 
@@ -559,6 +561,61 @@ async fn an_expired_lease_is_counted_by_the_coordinator_and_the_refusal_by_the_r
 
     drop(runner);
     c.stop().await;
+    db.drop_db().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_results_and_webhook_posts_are_counted() -> anyhow::Result<()> {
+    let db = TestDb::create().await?;
+    let c = TestCoordinator::start(&db).await?;
+    // The first post fails and is retried.
+    let receiver = WebhookReceiver::start(1).await?;
+    receiver.register(&c, &c.admin_key).await?;
+    let agent = c.create_agent("berlin", "site-a").await?;
+    let web = c
+        .create_endpoint(json!({
+            "name": "web", "kind": "http", "target": "http://127.0.0.1:9/",
+            "interval": 5, "timeout": 2, "locations": ["site-a"],
+            "min_failing_locations": 1, "failure_threshold": 1, "success_threshold": 1,
+            "conditions": ["[STATUS] == 200"],
+        }))
+        .await?;
+    agent.report_all(&web, &[Up, Down]).await?;
+    // Said again (a replay) and one from the future, refused.
+    let endpoint = uuid::Uuid::parse_str(&web)?;
+    let once = check_result(endpoint, chrono::Utc::now(), Down);
+    let future = check_result(
+        endpoint,
+        chrono::Utc::now() + chrono::Duration::hours(1),
+        Down,
+    );
+    agent.report(vec![once.clone()]).await?;
+    agent.report(vec![once, future]).await?;
+    receiver.wait_for("endpoint_down", 1).await?;
+
+    let http = reqwest::Client::new();
+    let m = scrape_until(
+        &http,
+        &c.url("/metrics"),
+        Duration::from_secs(10),
+        "the webhook post to be counted",
+        |m| m.get("muster_notifications_total", &[("outcome", "sent")]) == Some(1.0),
+    )
+    .await?;
+    for (outcome, n) in [("stored", 3.0), ("duplicate", 1.0), ("refused", 1.0)] {
+        assert_eq!(
+            m.value("muster_check_results_total", &[("outcome", outcome)])?,
+            n,
+            "{outcome}"
+        );
+    }
+    assert_eq!(
+        m.value("muster_notifications_total", &[("outcome", "retried")])?,
+        1.0
+    );
+
+    c.coordinator.shutdown(Duration::from_secs(5)).await;
     db.drop_db().await;
     Ok(())
 }
