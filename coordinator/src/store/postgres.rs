@@ -145,13 +145,42 @@ fn labels_from(v: serde_json::Value) -> Result<BTreeMap<String, String>> {
     serde_json::from_value(v).map_err(|e| StoreError::Corrupt(format!("labels: {e}")))
 }
 
-const RUN_SELECT: &str = "SELECT r.id, r.org_id, o.name AS organization, r.workspace_id, r.workspace, \
+/// A run's columns, read from a row source named `r` (the runs table, or
+/// a data-modifying CTE returning `runs.*`) joined as [`run_joins`] says.
+macro_rules! run_columns {
+    () => {
+        "r.id, r.org_id, o.name AS organization, r.workspace_id, r.workspace, \
     r.bundle_digest, r.block, r.block_version, r.action, r.parameters, r.reason, r.trigger, r.plan, \
     r.runner_labels, r.status, r.exit_code, r.error, r.runner_id, rn.name AS runner_name, r.executor, \
     r.image, r.image_digest, r.fencing_token, r.attempt, r.log_acked_seq, r.created_at, r.leased_at, \
     r.lease_expires_at, r.started_at, r.finished_at, r.cancel_requested_at, \
-    r.max_attempts, r.timeout_secs, r.log_seq_base, r.log_bytes, r.log_sha256, r.log_verified \
-    FROM runs r JOIN organizations o ON o.id = r.org_id LEFT JOIN runners rn ON rn.id = r.runner_id";
+    r.max_attempts, r.timeout_secs, r.log_seq_base, r.log_bytes, r.log_sha256, r.log_verified"
+    };
+}
+
+macro_rules! run_joins {
+    () => {
+        "JOIN organizations o ON o.id = r.org_id LEFT JOIN runners rn ON rn.id = r.runner_id"
+    };
+}
+
+/// A write to one run that returns it whole in the same statement, saving
+/// the read after it: `$write` is an `INSERT` or `UPDATE` of `runs` ending
+/// in `RETURNING runs.*`.
+macro_rules! run_returning {
+    ($write:literal) => {
+        concat!(
+            "WITH r AS (",
+            $write,
+            ") SELECT ",
+            run_columns!(),
+            " FROM r ",
+            run_joins!()
+        )
+    };
+}
+
+const RUN_SELECT: &str = concat!("SELECT ", run_columns!(), " FROM runs r ", run_joins!());
 
 fn run_from_row(row: &Row) -> Result<Run> {
     let status: String = row.get("status");
@@ -331,15 +360,6 @@ impl PgStore {
 
     async fn client(&self) -> Result<deadpool_postgres::Object> {
         self.pool.get().await.map_err(pool_err)
-    }
-
-    async fn run_by_id(&self, id: Uuid) -> Result<Option<Run>> {
-        let client = self.client().await?;
-        let row = client
-            .query_opt_cached(&format!("{RUN_SELECT} WHERE r.id = $1"), &[&id])
-            .await
-            .map_err(db_err)?;
-        row.as_ref().map(run_from_row).transpose()
     }
 }
 
@@ -643,38 +663,36 @@ impl Store for PgStore {
     }
 
     async fn create_run(&self, run: NewRun) -> Result<Run> {
-        let id = Uuid::now_v7();
-        {
-            let client = self.client().await?;
-            client
-                .execute_cached(
+        let client = self.client().await?;
+        let row = client
+            .query_one_cached(
+                run_returning!(
                     "INSERT INTO runs (id, org_id, workspace_id, workspace, bundle_digest, block, block_version, action, \
                      parameters, reason, trigger, plan, runner_labels, status, max_attempts, timeout_secs) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, 'queued', $14, $15)",
-                    &[
-                        &id,
-                        &run.org_id,
-                        &run.workspace_id,
-                        &run.workspace,
-                        &run.bundle_digest,
-                        &run.block,
-                        &run.block_version,
-                        &run.action,
-                        &run.parameters,
-                        &run.reason,
-                        &run.trigger,
-                        &run.plan,
-                        &labels_json(&run.runner_labels),
-                        &run.max_attempts,
-                        &run.timeout_secs,
-                    ],
-                )
-                .await
-                .map_err(db_err)?;
-        }
-        self.run_by_id(id)
-            .await?
-            .ok_or_else(|| StoreError::Database("inserted run vanished".into()))
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, 'queued', $14, $15) \
+                     RETURNING runs.*"
+                ),
+                &[
+                    &Uuid::now_v7(),
+                    &run.org_id,
+                    &run.workspace_id,
+                    &run.workspace,
+                    &run.bundle_digest,
+                    &run.block,
+                    &run.block_version,
+                    &run.action,
+                    &run.parameters,
+                    &run.reason,
+                    &run.trigger,
+                    &run.plan,
+                    &labels_json(&run.runner_labels),
+                    &run.max_attempts,
+                    &run.timeout_secs,
+                ],
+            )
+            .await
+            .map_err(db_err)?;
+        run_from_row(&row)
     }
 
     async fn run(&self, scope: Scope, id: Uuid) -> Result<Option<Run>> {
@@ -742,29 +760,25 @@ impl Store for PgStore {
         // locked only once there is a run to take: a row lock makes the
         // transaction a write, and an empty claim (most dispatch passes)
         // would wait for a WAL flush for nothing.
-        let id: Option<Uuid> = {
-            let client = self.client().await?;
-            client
-                .query_opt_cached(
+        let client = self.client().await?;
+        let row = client
+            .query_opt_cached(
+                run_returning!(
                     "WITH next AS ( \
                        SELECT id FROM runs \
                        WHERE status = 'queued' AND ($2::uuid IS NULL OR org_id = $2) AND $3::jsonb @> runner_labels \
                        ORDER BY created_at, id LIMIT 1 FOR UPDATE SKIP LOCKED), \
                      runner AS (SELECT id FROM runners WHERE id = $1 AND revoked_at IS NULL \
                        AND EXISTS (SELECT 1 FROM next) FOR SHARE) \
-                     UPDATE runs r SET status = 'leased', runner_id = $1, fencing_token = nextval('fencing_tokens'), \
-                       attempt = r.attempt + 1, leased_at = now(), lease_expires_at = $4 \
-                     FROM next, runner WHERE r.id = next.id RETURNING r.id",
-                    &[&claim.runner_id, &claim.runner_org, &labels_json(&claim.labels), &claim.lease_expires_at],
-                )
-                .await
-                .map_err(db_err)?
-                .map(|row| row.get(0))
-        };
-        match id {
-            Some(id) => self.run_by_id(id).await,
-            None => Ok(None),
-        }
+                     UPDATE runs SET status = 'leased', runner_id = $1, fencing_token = nextval('fencing_tokens'), \
+                       attempt = runs.attempt + 1, leased_at = now(), lease_expires_at = $4 \
+                     FROM next, runner WHERE runs.id = next.id RETURNING runs.*"
+                ),
+                &[&claim.runner_id, &claim.runner_org, &labels_json(&claim.labels), &claim.lease_expires_at],
+            )
+            .await
+            .map_err(db_err)?;
+        row.as_ref().map(run_from_row).transpose()
     }
 
     async fn extend_leases(
@@ -1010,50 +1024,97 @@ impl Store for PgStore {
         })
     }
 
-    async fn mark_running(&self, id: Uuid, token: i64, start: &RunStart) -> Result<Fenced> {
+    async fn mark_running(&self, id: Uuid, token: i64, start: &RunStart) -> Result<Option<Run>> {
+        // The one commit of a run's life that does not wait for its WAL
+        // flush (`synchronous_commit` off for this statement's transaction
+        // only). Losing it in a crash loses nothing that matters: WAL is
+        // replayed in order, so once a later durable commit (the result,
+        // another run's claim) is on disk, this one is too; and what a
+        // crash can take back is only the run's move from `leased` to
+        // `running` with its start time and executor. The fencing token and
+        // the lease are untouched by it, `finish_run` and `append_logs`
+        // accept a `leased` run as well, and a runner resends its `Started`
+        // when it reconnects, so the mark is made again. At worst a run
+        // that a lost runner leaves behind ends `lost` instead of
+        // `timed_out` (that needs the start time).
         let client = self.client().await?;
-        let n = client
-            .execute_cached(
-                "UPDATE runs SET status = 'running', executor = $3, image = $4, image_digest = $5, started_at = $6 \
-                 WHERE id = $1 AND fencing_token = $2 AND status IN ('leased', 'running')",
+        let row = client
+            .query_opt_cached(
+                run_returning!(
+                    "UPDATE runs SET status = 'running', executor = $3, image = $4, image_digest = $5, started_at = $6 \
+                     FROM (SELECT set_config('synchronous_commit', 'off', true)) AS commit_mode \
+                     WHERE runs.id = $1 AND runs.fencing_token = $2 AND runs.status IN ('leased', 'running') \
+                     RETURNING runs.*"
+                ),
                 &[&id, &token, &start.executor, &start.image, &start.image_digest, &start.started_at],
             )
             .await
             .map_err(db_err)?;
-        Ok(if n == 1 {
-            Fenced::Applied
-        } else {
-            Fenced::Stale
-        })
+        row.as_ref().map(run_from_row).transpose()
     }
 
-    async fn finish_run(&self, id: Uuid, token: i64, end: &RunEnd) -> Result<Fenced> {
-        let client = self.client().await?;
-        let n = client
-            .execute_cached(
-                "UPDATE runs SET status = $3, exit_code = $4, error = $5, log_last_seq = $6, finished_at = $7, \
-                   lease_expires_at = NULL, log_bytes = $8, log_sha256 = $9, log_verified = $10 \
-                 WHERE id = $1 AND fencing_token = $2 AND status IN ('leased', 'running')",
+    async fn finish_run(&self, id: Uuid, token: i64, end: &RunEnd) -> Result<Option<Run>> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(db_err)?;
+        let Some(held) = tx
+            .query_opt_cached(
+                "SELECT log_seq_base FROM runs \
+                 WHERE id = $1 AND fencing_token = $2 AND status IN ('leased', 'running') FOR UPDATE",
+                &[&id, &token],
+            )
+            .await
+            .map_err(db_err)?
+        else {
+            return Ok(None);
+        };
+        let log_check = match &end.log_account {
+            None => None,
+            Some(account) => {
+                // The stream delivers a run's messages in order, so every
+                // chunk the runner sent before its result is stored by now.
+                let mut digest = LogDigest::default();
+                let mut after: i64 = held.get(0);
+                while after < end.last_seq {
+                    let rows = tx
+                        .query_cached(
+                            "SELECT seq, data FROM run_logs WHERE run_id = $1 AND seq > $2 AND seq <= $3 \
+                             ORDER BY seq LIMIT $4",
+                            &[&id, &after, &end.last_seq, &LOG_CHECK_PAGE],
+                        )
+                        .await
+                        .map_err(db_err)?;
+                    let Some(last) = rows.last() else { break };
+                    after = last.get(0);
+                    for row in &rows {
+                        digest.update(row.get::<_, &[u8]>(1));
+                    }
+                }
+                Some(digest.check(account))
+            }
+        };
+        let row = tx
+            .query_one_cached(
+                run_returning!(
+                    "UPDATE runs SET status = $2, exit_code = $3, error = $4, log_last_seq = $5, finished_at = $6, \
+                       lease_expires_at = NULL, log_bytes = $7, log_sha256 = $8, log_verified = $9 \
+                     WHERE id = $1 RETURNING runs.*"
+                ),
                 &[
                     &id,
-                    &token,
                     &end.status.as_str(),
                     &end.exit_code,
                     &end.error,
                     &end.last_seq,
                     &end.finished_at,
-                    &end.log_check.as_ref().map(|c| c.bytes),
-                    &end.log_check.as_ref().map(|c| c.sha256.clone()),
-                    &end.log_check.as_ref().map(|c| c.verified),
+                    &log_check.as_ref().map(|c| c.bytes),
+                    &log_check.as_ref().map(|c| c.sha256.as_str()),
+                    &log_check.as_ref().map(|c| c.verified),
                 ],
             )
             .await
             .map_err(db_err)?;
-        Ok(if n == 1 {
-            Fenced::Applied
-        } else {
-            Fenced::Stale
-        })
+        tx.commit().await.map_err(db_err)?;
+        run_from_row(&row).map(Some)
     }
 
     async fn append_logs(
