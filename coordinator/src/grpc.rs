@@ -986,7 +986,7 @@ async fn finish(
         last_seq: finished.last_seq as i64,
         finished_at: ms_to_time(finished.finished_at_ms),
         // Empty from a runner from before log checks.
-        log_account: (!finished.log_sha256.is_empty()).then(|| LogAccount {
+        log_account: (!finished.log_sha256.is_empty()).then_some(LogAccount {
             bytes: finished.log_bytes as i64,
             sha256: finished.log_sha256,
         }),
