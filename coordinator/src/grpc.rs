@@ -31,7 +31,7 @@ use crate::bus::{announce, Bus, Event};
 use crate::dispatch::Dispatcher;
 use crate::revocation::Revocations;
 use crate::store::{
-    Fenced, JoinTokenRefusal, LeaseRenewal, LogCheck, LogChunk, NewRunner, RunEnd, RunStart,
+    Fenced, JoinTokenRefusal, LeaseRenewal, LogAccount, LogChunk, NewRunner, RunEnd, RunStart,
     RunStatus, Scope, Store,
 };
 use crate::tls::{Peer, ServerTls, ENROLL_SERVER_NAME};
@@ -420,6 +420,18 @@ impl RunnerService for RunnerServiceImpl {
         tokio::spawn(async move {
             let mut renewer = renewer;
             let mut last_seen = tokio::time::Instant::now();
+            let failed = CancellationToken::new();
+            let mut lanes = Lanes::open(
+                capacity,
+                LaneContext {
+                    store: store.clone(),
+                    dispatcher: dispatcher.clone(),
+                    bus: bus.clone(),
+                    runner_id,
+                    outbox: outbox.clone(),
+                    failed: failed.clone(),
+                },
+            );
             loop {
                 let message = tokio::select! {
                     _ = shutdown.cancelled() => break,
@@ -427,6 +439,8 @@ impl RunnerService for RunnerServiceImpl {
                         let _ = outbox.try_send(Err(Status::permission_denied("this runner was revoked")));
                         break;
                     }
+                    // A lane's message failed; it told the runner why.
+                    _ = failed.cancelled() => break,
                     m = inbound.next() => m,
                 };
                 let message = match message {
@@ -447,10 +461,16 @@ impl RunnerService for RunnerServiceImpl {
                     Some(runner_message::Kind::RenewCertificate(renew)) => {
                         renewer.renew(&*store, &outbox, renew).await
                     }
-                    _ => {
-                        handle_message(&*store, &dispatcher, &*bus, runner_id, &outbox, message)
-                            .await
-                    }
+                    _ => match lanes.lane_of(&message) {
+                        Some(lane) => {
+                            lanes.send(lane, message).await;
+                            Ok(())
+                        }
+                        None => {
+                            handle_message(&*store, &dispatcher, &*bus, runner_id, &outbox, message)
+                                .await
+                        }
+                    },
                 };
                 if let Err(error) = handled {
                     tracing::warn!(runner_id = %runner_id, %error, "runner message failed; closing its stream");
@@ -458,6 +478,13 @@ impl RunnerService for RunnerServiceImpl {
                     break;
                 }
             }
+            // What the runner sent before its stream ended is still handled
+            // (a result, its last log); nothing more once the stream failed
+            // or the coordinator shuts down.
+            if failed.is_cancelled() || shutdown.is_cancelled() {
+                lanes.abort();
+            }
+            lanes.close().await;
             dispatcher.disconnect(runner_id, session.id);
             if let Err(error) = store.runner_disconnected(runner_id, Utc::now()).await {
                 tracing::warn!(%error, "could not record runner disconnect");
@@ -702,53 +729,101 @@ fn reject(outbox: &crate::dispatch::Outbox, run_id: &str, token: u64, reason: &s
     );
 }
 
-/// Checks the stored log of the finishing attempt against the runner's
-/// account of it (bytes and SHA-256 of its chunks in seq order). Messages
-/// on a stream arrive in order, so every chunk the runner sent before its
-/// result is stored by now; a mismatch means the log has a hole.
-async fn check_log(
-    store: &dyn Store,
-    run_id: Uuid,
-    finished: &RunFinished,
-) -> Result<Option<LogCheck>, Status> {
-    use sha2::{Digest, Sha256};
-    if finished.log_sha256.is_empty() {
-        return Ok(None); // A runner from before log checks.
-    }
-    let Some(run) = store.run(Scope::All, run_id).await.map_err(store_status)? else {
-        return Ok(None);
-    };
-    if run.fencing_token != finished.fencing_token as i64 {
-        return Ok(None); // Stale: the result is refused anyway.
-    }
-    let mut digest = Sha256::new();
-    let mut bytes = 0i64;
-    let mut after = run.log_seq_base;
-    let last = finished.last_seq as i64;
-    while after < last {
-        let chunks = store
-            .logs(run_id, after, (last - after).min(1000))
-            .await
-            .map_err(store_status)?;
-        let Some(end) = chunks.last().map(|c| c.seq) else {
-            break;
-        };
-        for chunk in chunks.iter().filter(|c| c.seq <= last) {
-            bytes += chunk.data.len() as i64;
-            digest.update(&chunk.data);
+/// The most lanes one runner's stream is handled on.
+const MAX_LANES: usize = 16;
+/// Messages waiting per lane before the stream's reader waits for it.
+const LANE_QUEUE: usize = 64;
+
+/// What a lane needs to handle a runner's messages.
+#[derive(Clone)]
+struct LaneContext {
+    store: Arc<dyn Store>,
+    dispatcher: Arc<Dispatcher>,
+    bus: Arc<dyn Bus>,
+    runner_id: Uuid,
+    outbox: crate::dispatch::Outbox,
+    /// Fired when a message failed: the stream closes.
+    failed: CancellationToken,
+}
+
+/// A runner's stream handled on a few lanes, each a task taking its
+/// messages one at a time: all the messages of one run (started, log,
+/// finished, release) go to the same lane, so they keep the order the
+/// runner sent them in, while different runs' messages proceed at once
+/// instead of each waiting for the others' commits.
+struct Lanes {
+    context: LaneContext,
+    /// Each lane's queue, once a message went to it: a runner that runs
+    /// nothing costs no task.
+    queues: Vec<Option<mpsc::Sender<RunnerMessage>>>,
+    tasks: tokio::task::JoinSet<()>,
+    hasher: std::hash::RandomState,
+}
+
+impl Lanes {
+    /// As many lanes as the runner runs jobs at once, up to [`MAX_LANES`].
+    fn open(capacity: usize, context: LaneContext) -> Lanes {
+        Lanes {
+            context,
+            queues: vec![None; capacity.clamp(1, MAX_LANES)],
+            tasks: tokio::task::JoinSet::new(),
+            hasher: std::hash::RandomState::new(),
         }
-        after = end;
     }
-    let sha256 = hex::encode(digest.finalize());
-    let verified = bytes == finished.log_bytes as i64 && sha256 == finished.log_sha256;
-    if !verified {
-        tracing::warn!(run_id = %run_id, stored_bytes = bytes, runner_bytes = finished.log_bytes, "the stored log does not match the runner's account of it");
+
+    /// The lane of a message about one run; `None` for the others
+    /// (heartbeats, drain notices), handled where they are read.
+    fn lane_of(&self, message: &RunnerMessage) -> Option<usize> {
+        use std::hash::BuildHasher;
+        let run_id = match message.kind.as_ref()? {
+            runner_message::Kind::Started(m) => &m.run_id,
+            runner_message::Kind::Log(m) => &m.run_id,
+            runner_message::Kind::Finished(m) => &m.run_id,
+            runner_message::Kind::Release(m) => &m.run_id,
+            _ => return None,
+        };
+        Some(self.hasher.hash_one(run_id) as usize % self.queues.len())
     }
-    Ok(Some(LogCheck {
-        bytes: finished.log_bytes as i64,
-        sha256: finished.log_sha256.clone(),
-        verified,
-    }))
+
+    /// Queues a message on its lane, waiting while that lane is full. A
+    /// lane that ended has failed, and the stream closes.
+    async fn send(&mut self, lane: usize, message: RunnerMessage) {
+        let queue = self.queues[lane].get_or_insert_with(|| {
+            let (tx, mut rx) = mpsc::channel::<RunnerMessage>(LANE_QUEUE);
+            let c = self.context.clone();
+            self.tasks.spawn(async move {
+                while let Some(message) = rx.recv().await {
+                    let handled = handle_message(
+                        &*c.store,
+                        &c.dispatcher,
+                        &*c.bus,
+                        c.runner_id,
+                        &c.outbox,
+                        message,
+                    )
+                    .await;
+                    if let Err(error) = handled {
+                        tracing::warn!(runner_id = %c.runner_id, %error, "runner message failed; closing its stream");
+                        let _ = c.outbox.send(Err(error)).await;
+                        c.failed.cancel();
+                        return;
+                    }
+                }
+            });
+            tx
+        });
+        let _ = queue.send(message).await;
+    }
+
+    fn abort(&mut self) {
+        self.tasks.abort_all();
+    }
+
+    /// Waits for the lanes to finish what they were given.
+    async fn close(mut self) {
+        self.queues.clear();
+        while self.tasks.join_next().await.is_some() {}
+    }
 }
 
 async fn handle_message(
@@ -807,27 +882,24 @@ async fn handle_message(
                 .await
                 .map_err(store_status)?
             {
-                Fenced::Stale => reject(
+                None => reject(
                     outbox,
                     &started.run_id,
                     started.fencing_token,
                     "this lease is no longer valid",
                 ),
-                Fenced::Applied => {
+                Some(run) => {
                     // A cancel that came while the lease was on its way
                     // reached a runner that did not know the run yet.
-                    let run = store.run(Scope::All, run_id).await.map_err(store_status)?;
-                    if let Some(run) = run {
-                        if run.cancel_requested_at.is_some() {
-                            send_cancel(outbox, run_id, started.fencing_token as i64);
-                        }
-                        let running = Event::StatusChanged {
-                            run_id,
-                            status: run.status,
-                            runner: run.runner_name,
-                        };
-                        announce(bus, running).await;
+                    if run.cancel_requested_at.is_some() {
+                        send_cancel(outbox, run_id, started.fencing_token as i64);
                     }
+                    let running = Event::StatusChanged {
+                        run_id,
+                        status: run.status,
+                        runner: run.runner_name,
+                    };
+                    announce(bus, running).await;
                 }
             }
             Ok(())
@@ -907,14 +979,17 @@ async fn finish(
         RunOutcome::TimedOut => RunStatus::TimedOut,
         RunOutcome::Failed | RunOutcome::Unspecified => RunStatus::Failed,
     };
-    let log_check = check_log(store, run_id, &finished).await?;
     let end = RunEnd {
         status,
         exit_code: finished.exit_code,
         error: Some(finished.error).filter(|e| !e.is_empty()),
         last_seq: finished.last_seq as i64,
         finished_at: ms_to_time(finished.finished_at_ms),
-        log_check,
+        // Empty from a runner from before log checks.
+        log_account: (!finished.log_sha256.is_empty()).then_some(LogAccount {
+            bytes: finished.log_bytes as i64,
+            sha256: finished.log_sha256,
+        }),
     };
     let outcome = store
         .finish_run(run_id, finished.fencing_token as i64, &end)
@@ -922,9 +997,12 @@ async fn finish(
         .map_err(store_status)?;
     dispatcher.release(runner_id, run_id);
     match outcome {
-        Fenced::Applied => {
+        Some(run) => {
+            if run.log_check.as_ref().is_some_and(|c| !c.verified) {
+                tracing::warn!(run_id = %run_id, runner_bytes = end.log_account.as_ref().map(|a| a.bytes), "the stored log does not match the runner's account of it");
+            }
             tracing::info!(run_id = %run_id, status = status.as_str(), exit_code = ?end.exit_code, "run finished");
-            dispatcher.metrics().run_ended(store, run_id, status).await;
+            dispatcher.metrics().run_finished(&run);
             announce(
                 bus,
                 Event::Finished {
@@ -941,7 +1019,7 @@ async fn finish(
                 }),
             );
         }
-        Fenced::Stale => reject(
+        None => reject(
             outbox,
             &finished.run_id,
             finished.fencing_token,

@@ -27,10 +27,9 @@ use prometheus::{
     Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
     TextEncoder,
 };
-use uuid::Uuid;
 
 use crate::api::AppState;
-use crate::store::{Run, RunStatus, Scope, Store};
+use crate::store::{Run, RunStatus};
 
 /// Queue waits: milliseconds when a runner is free, up to hours when the
 /// fleet is saturated.
@@ -201,21 +200,6 @@ impl Metrics {
             .with_label_values(&[run.status.as_str()])
             .inc();
         self.observe_run_duration(run);
-    }
-
-    /// A runner's result closed run `run_id` with `status`: counted at
-    /// once; its duration needs the start time, which the store has.
-    pub async fn run_ended(&self, store: &dyn Store, run_id: Uuid, status: RunStatus) {
-        self.runs_finished
-            .with_label_values(&[status.as_str()])
-            .inc();
-        match store.run(Scope::All, run_id).await {
-            Ok(Some(run)) => self.observe_run_duration(&run),
-            Ok(None) => {}
-            Err(error) => {
-                tracing::warn!(run_id = %run_id, %error, "could not read a finished run to time it")
-            }
-        }
     }
 
     fn observe_run_duration(&self, run: &Run) {
@@ -395,6 +379,8 @@ fn method_label(method: &Method) -> &'static str {
 
 #[cfg(test)]
 mod tests {
+    use uuid::Uuid;
+
     use super::*;
 
     fn run(status: RunStatus, attempt: i32) -> Run {

@@ -32,9 +32,9 @@ use muster_coordinator::store::postgres::PgStore;
 use muster_coordinator::store::sqlite::SqliteStore;
 use muster_coordinator::store::{
     ApiKey, CancelOutcome, Claim, Fenced, Identity, JoinToken, JoinTokenRefusal, LeaseRenewal,
-    LogCheck, LogChunk, NewApiKey, NewApiKeyForBootstrap, NewJoinToken, NewRun, NewRunner,
-    Organization, Page, RevokedRunner, Role, Run, RunEnd, RunFilter, RunStart, RunStatus, Runner,
-    Scope, Store, StoreError, Workspace,
+    LogAccount, LogCheck, LogChunk, NewApiKey, NewApiKeyForBootstrap, NewJoinToken, NewRun,
+    NewRunner, Organization, Page, RevokedRunner, Role, Run, RunEnd, RunFilter, RunStart,
+    RunStatus, Runner, Scope, Store, StoreError, Workspace,
 };
 use muster_tests::TestDb;
 use serde_json::json;
@@ -86,6 +86,7 @@ cases![
     release_lease_requeues_only_a_leased_run,
     mark_running_is_fenced,
     finish_run_is_fenced,
+    finish_run_checks_the_stored_log_against_the_runners_account,
     cancel_ends_queued_runs_and_records_requests_for_held_ones,
     heartbeats_extend_only_the_leases_a_runner_holds,
     expired_leases_are_found_oldest_first,
@@ -506,7 +507,16 @@ fn end(status: RunStatus, at: DateTime<Utc>) -> RunEnd {
         error: (status != RunStatus::Succeeded).then(|| "boom".to_owned()),
         last_seq: 0,
         finished_at: at,
-        log_check: None,
+        log_account: None,
+    }
+}
+
+/// What a fenced change answered: `Applied` when it returned the run.
+fn fenced(run: Option<Run>) -> Fenced {
+    if run.is_some() {
+        Fenced::Applied
+    } else {
+        Fenced::Stale
     }
 }
 
@@ -1252,12 +1262,14 @@ async fn runs_filtered_by_status(s: Arc<dyn Store>) -> Outcome {
     check_eq("first leased", first.id, done.id)?;
     check_eq(
         "finish",
-        s.finish_run(
-            done.id,
-            first.fencing_token,
-            &end(RunStatus::Succeeded, now()),
-        )
-        .await?,
+        fenced(
+            s.finish_run(
+                done.id,
+                first.fencing_token,
+                &end(RunStatus::Succeeded, now()),
+            )
+            .await?,
+        ),
         Fenced::Applied,
     )?;
     check_eq("second leased", lease(&s, &r).await?.id, leased.id)?;
@@ -1421,8 +1433,10 @@ async fn claim_fencing_tokens_rise_across_grants(s: Arc<dyn Store>) -> Outcome {
     );
     check_eq(
         "the superseded token",
-        s.mark_running(first.id, first.fencing_token, &start(now()))
-            .await?,
+        fenced(
+            s.mark_running(first.id, first.fencing_token, &start(now()))
+                .await?,
+        ),
         Fenced::Stale,
     )
 }
@@ -1536,8 +1550,10 @@ async fn claim_with_nothing_queued_is_none(s: Arc<dyn Store>) -> Outcome {
     )?;
     check_eq(
         "finish",
-        s.finish_run(run.id, leased.fencing_token, &end(RunStatus::Failed, now()))
-            .await?,
+        fenced(
+            s.finish_run(run.id, leased.fencing_token, &end(RunStatus::Failed, now()))
+                .await?,
+        ),
         Fenced::Applied,
     )?;
     check_eq(
@@ -1641,8 +1657,10 @@ async fn release_lease_requeues_only_a_leased_run(s: Arc<dyn Store>) -> Outcome 
     let again = lease(&s, &r).await?;
     check_eq(
         "mark running",
-        s.mark_running(run.id, again.fencing_token, &start(now()))
-            .await?,
+        fenced(
+            s.mark_running(run.id, again.fencing_token, &start(now()))
+                .await?,
+        ),
         Fenced::Applied,
     )?;
     check_eq(
@@ -1663,14 +1681,14 @@ async fn mark_running_is_fenced(s: Arc<dyn Store>) -> Outcome {
     let queued = queue(&s, &w).await?;
     check_eq(
         "a queued run",
-        s.mark_running(queued.id, 0, &start(now())).await?,
+        fenced(s.mark_running(queued.id, 0, &start(now())).await?),
         Fenced::Stale,
     )?;
     let run = lease(&s, &r).await?;
     let token = run.fencing_token;
     check_eq(
         "a stale token",
-        s.mark_running(run.id, token - 1, &start(now())).await?,
+        fenced(s.mark_running(run.id, token - 1, &start(now())).await?),
         Fenced::Stale,
     )?;
     check_eq(
@@ -1681,7 +1699,7 @@ async fn mark_running_is_fenced(s: Arc<dyn Store>) -> Outcome {
     let at = now();
     check_eq(
         "mark running",
-        s.mark_running(run.id, token, &start(at)).await?,
+        fenced(s.mark_running(run.id, token, &start(at)).await?),
         Fenced::Applied,
     )?;
     let running = get_run(&s, run.id).await?;
@@ -1700,18 +1718,20 @@ async fn mark_running_is_fenced(s: Arc<dyn Store>) -> Outcome {
     check_eq("started_at", running.started_at, Some(at))?;
     check_eq(
         "mark running twice",
-        s.mark_running(run.id, token, &start(at)).await?,
+        fenced(s.mark_running(run.id, token, &start(at)).await?),
         Fenced::Applied,
     )?;
     check_eq(
         "finish",
-        s.finish_run(run.id, token, &end(RunStatus::Succeeded, now()))
-            .await?,
+        fenced(
+            s.finish_run(run.id, token, &end(RunStatus::Succeeded, now()))
+                .await?,
+        ),
         Fenced::Applied,
     )?;
     check_eq(
         "a finished run",
-        s.mark_running(run.id, token, &start(now())).await?,
+        fenced(s.mark_running(run.id, token, &start(now())).await?),
         Fenced::Stale,
     )?;
     check_eq(
@@ -1730,29 +1750,37 @@ async fn finish_run_is_fenced(s: Arc<dyn Store>) -> Outcome {
     let token = lease(&s, &r).await?.fencing_token;
     check_eq(
         "a superseded token",
-        s.finish_run(run.id, stale, &end(RunStatus::Succeeded, now()))
-            .await?,
+        fenced(
+            s.finish_run(run.id, stale, &end(RunStatus::Succeeded, now()))
+                .await?,
+        ),
         Fenced::Stale,
     )?;
     check_eq(
         "an unknown run",
-        s.finish_run(Uuid::now_v7(), token, &end(RunStatus::Succeeded, now()))
-            .await?,
+        fenced(
+            s.finish_run(Uuid::now_v7(), token, &end(RunStatus::Succeeded, now()))
+                .await?,
+        ),
         Fenced::Stale,
     )?;
     // A leased run may finish without having started (its image failed to pull).
     let at = now();
     let mut failed = end(RunStatus::Failed, at);
     failed.last_seq = 7;
+    // The runner's account of a log of which nothing is stored.
+    failed.log_account = Some(LogAccount {
+        bytes: 1234,
+        sha256: "ab".repeat(32),
+    });
     let check = LogCheck {
         bytes: 1234,
         sha256: "ab".repeat(32),
         verified: false,
     };
-    failed.log_check = Some(check.clone());
     check_eq(
         "finish",
-        s.finish_run(run.id, token, &failed).await?,
+        fenced(s.finish_run(run.id, token, &failed).await?),
         Fenced::Applied,
     )?;
     let done = get_run(&s, run.id).await?;
@@ -1765,14 +1793,65 @@ async fn finish_run_is_fenced(s: Arc<dyn Store>) -> Outcome {
     check_eq("runner_id kept", done.runner_id, Some(r.id))?;
     check_eq(
         "a finished run",
-        s.finish_run(run.id, token, &end(RunStatus::Succeeded, now()))
-            .await?,
+        fenced(
+            s.finish_run(run.id, token, &end(RunStatus::Succeeded, now()))
+                .await?,
+        ),
         Fenced::Stale,
     )?;
     check_eq(
         "stays failed",
         get_run(&s, run.id).await?.status,
         RunStatus::Failed,
+    )
+}
+
+async fn finish_run_checks_the_stored_log_against_the_runners_account(
+    s: Arc<dyn Store>,
+) -> Outcome {
+    let (_, w) = org_with_workspace(&s, "acme").await?;
+    let r = runner(&s, None, "r1", &[]).await?;
+    // The runner sent "a", "b", "c" as seqs 1 to 3: 3 bytes, SHA-256 of "abc".
+    let account = LogAccount {
+        bytes: 3,
+        sha256: "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad".into(),
+    };
+    let mut finished = end(RunStatus::Succeeded, now());
+    finished.last_seq = 3;
+    finished.log_account = Some(account.clone());
+    let mut outcomes = Vec::new();
+    for stored in [&["a", "b", "c"][..], &["a", "c"][..]] {
+        queue(&s, &w).await?;
+        let run = lease(&s, &r).await?;
+        for (i, data) in stored.iter().enumerate() {
+            // The hole leaves "c" at seq 3.
+            let seq = if stored.len() == 3 || i == 0 {
+                i as i64 + 1
+            } else {
+                3
+            };
+            s.append_logs(run.id, run.fencing_token, &[chunk(seq, data)])
+                .await?
+                .map_err(|_| anyhow!("log refused"))?;
+        }
+        let done = s
+            .finish_run(run.id, run.fencing_token, &finished)
+            .await?
+            .context("finish")?;
+        check_eq(
+            "returned as stored",
+            Some(&done),
+            Some(&get_run(&s, run.id).await?),
+        )?;
+        outcomes.push(done.log_check.map(|c| (c.bytes, c.sha256, c.verified)));
+    }
+    check_eq(
+        "complete, then with a hole",
+        outcomes,
+        vec![
+            Some((3, account.sha256.clone(), true)),
+            Some((3, account.sha256.clone(), false)),
+        ],
     )
 }
 
@@ -1836,8 +1915,10 @@ async fn cancel_ends_queued_runs_and_records_requests_for_held_ones(s: Arc<dyn S
     )?;
     check_eq(
         "the runner reports it canceled",
-        s.finish_run(held.id, token, &end(RunStatus::Canceled, now()))
-            .await?,
+        fenced(
+            s.finish_run(held.id, token, &end(RunStatus::Canceled, now()))
+                .await?,
+        ),
         Fenced::Applied,
     )?;
     let Some(CancelOutcome::AlreadyFinal(done)) = s.cancel_run(Scope::All, held.id, now()).await?

@@ -269,6 +269,45 @@ fn sha256_hex(data: &[u8]) -> String {
     hex::encode(Sha256::digest(data))
 }
 
+/// The runner's account of an attempt's log at its end: bytes and SHA-256
+/// (hex) of its chunks' data in seq order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogAccount {
+    pub bytes: i64,
+    pub sha256: String,
+}
+
+/// How many stored chunks a log check reads at a time.
+const LOG_CHECK_PAGE: i64 = 1000;
+
+/// Hashes an attempt's stored log, chunk by chunk in seq order, to check it
+/// against the runner's account of it.
+#[derive(Default)]
+struct LogDigest {
+    hasher: sha2::Sha256,
+    bytes: i64,
+}
+
+impl LogDigest {
+    fn update(&mut self, data: &[u8]) {
+        use sha2::Digest;
+        self.bytes += data.len() as i64;
+        self.hasher.update(data);
+    }
+
+    /// Whether the stored log is the one the runner sent: a mismatch means
+    /// it has a hole (or a chunk the runner never sent).
+    fn check(self, account: &LogAccount) -> LogCheck {
+        use sha2::Digest;
+        let sha256 = hex::encode(self.hasher.finalize());
+        LogCheck {
+            bytes: account.bytes,
+            verified: self.bytes == account.bytes && sha256 == account.sha256,
+            sha256: account.sha256.clone(),
+        }
+    }
+}
+
 /// What asking to cancel a run did.
 #[derive(Debug, Clone, PartialEq)]
 pub enum CancelOutcome {
@@ -390,7 +429,10 @@ pub struct RunEnd {
     pub error: Option<String>,
     pub last_seq: i64,
     pub finished_at: DateTime<Utc>,
-    pub log_check: Option<LogCheck>,
+    /// The runner's account of the attempt's log (seqs after the run's
+    /// `log_seq_base` up to `last_seq`), checked against the stored log as
+    /// the result is recorded; `None` from a runner that keeps no account.
+    pub log_account: Option<LogAccount>,
 }
 
 #[derive(Debug, Clone)]
@@ -523,8 +565,13 @@ pub trait Store: Send + Sync + 'static {
     async fn claim_run(&self, claim: &Claim) -> Result<Option<Run>>;
     /// Puts a leased run back in the queue when its lease could not be delivered.
     async fn release_lease(&self, id: Uuid, token: i64) -> Result<Fenced>;
-    async fn mark_running(&self, id: Uuid, token: i64, start: &RunStart) -> Result<Fenced>;
-    async fn finish_run(&self, id: Uuid, token: i64, end: &RunEnd) -> Result<Fenced>;
+    /// Records that the job started, and returns the run as it is now;
+    /// `None` when the token does not hold the run (superseded, ended).
+    async fn mark_running(&self, id: Uuid, token: i64, start: &RunStart) -> Result<Option<Run>>;
+    /// Records the run's result, with the check of its stored log against
+    /// the runner's account in the same transaction, and returns the run as
+    /// it is now; `None` when the token does not hold the run.
+    async fn finish_run(&self, id: Uuid, token: i64, end: &RunEnd) -> Result<Option<Run>>;
     /// Stores chunks once per `(run, seq)` and returns the highest contiguous
     /// stored seq, or `Stale` when the token does not hold the run.
     async fn append_logs(

@@ -7,8 +7,9 @@ use std::str::FromStr;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio_postgres::error::SqlState;
+use tokio_postgres::types::ToSql;
 use tokio_postgres::{NoTls, Row};
 use uuid::Uuid;
 
@@ -77,6 +78,51 @@ fn db_err(e: tokio_postgres::Error) -> StoreError {
     StoreError::Database(e.to_string())
 }
 
+/// Every statement runs as a named prepared statement cached per pooled
+/// connection (deadpool's statement cache, keyed by the statement's final
+/// text, so one built with `format!` from constant parts is cached like a
+/// literal). tokio-postgres would otherwise send a text statement as a
+/// prepare of its own before executing it: two round trips each, and the
+/// server parsing and planning it every time.
+#[async_trait]
+trait Cached: GenericClient {
+    async fn query_cached(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> std::result::Result<Vec<Row>, tokio_postgres::Error> {
+        self.query(&self.prepare_cached(sql).await?, params).await
+    }
+
+    async fn query_one_cached(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> std::result::Result<Row, tokio_postgres::Error> {
+        self.query_one(&self.prepare_cached(sql).await?, params)
+            .await
+    }
+
+    async fn query_opt_cached(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> std::result::Result<Option<Row>, tokio_postgres::Error> {
+        self.query_opt(&self.prepare_cached(sql).await?, params)
+            .await
+    }
+
+    async fn execute_cached(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> std::result::Result<u64, tokio_postgres::Error> {
+        self.execute(&self.prepare_cached(sql).await?, params).await
+    }
+}
+
+impl<C: GenericClient> Cached for C {}
+
 fn pool_err(e: deadpool_postgres::PoolError) -> StoreError {
     match e {
         deadpool_postgres::PoolError::Backend(e) => db_err(e),
@@ -99,13 +145,42 @@ fn labels_from(v: serde_json::Value) -> Result<BTreeMap<String, String>> {
     serde_json::from_value(v).map_err(|e| StoreError::Corrupt(format!("labels: {e}")))
 }
 
-const RUN_SELECT: &str = "SELECT r.id, r.org_id, o.name AS organization, r.workspace_id, r.workspace, \
+/// A run's columns, read from a row source named `r` (the runs table, or
+/// a data-modifying CTE returning `runs.*`) joined as [`run_joins`] says.
+macro_rules! run_columns {
+    () => {
+        "r.id, r.org_id, o.name AS organization, r.workspace_id, r.workspace, \
     r.bundle_digest, r.block, r.block_version, r.action, r.parameters, r.reason, r.trigger, r.plan, \
     r.runner_labels, r.status, r.exit_code, r.error, r.runner_id, rn.name AS runner_name, r.executor, \
     r.image, r.image_digest, r.fencing_token, r.attempt, r.log_acked_seq, r.created_at, r.leased_at, \
     r.lease_expires_at, r.started_at, r.finished_at, r.cancel_requested_at, \
-    r.max_attempts, r.timeout_secs, r.log_seq_base, r.log_bytes, r.log_sha256, r.log_verified \
-    FROM runs r JOIN organizations o ON o.id = r.org_id LEFT JOIN runners rn ON rn.id = r.runner_id";
+    r.max_attempts, r.timeout_secs, r.log_seq_base, r.log_bytes, r.log_sha256, r.log_verified"
+    };
+}
+
+macro_rules! run_joins {
+    () => {
+        "JOIN organizations o ON o.id = r.org_id LEFT JOIN runners rn ON rn.id = r.runner_id"
+    };
+}
+
+/// A write to one run that returns it whole in the same statement, saving
+/// the read after it: `$write` is an `INSERT` or `UPDATE` of `runs` ending
+/// in `RETURNING runs.*`.
+macro_rules! run_returning {
+    ($write:literal) => {
+        concat!(
+            "WITH r AS (",
+            $write,
+            ") SELECT ",
+            run_columns!(),
+            " FROM r ",
+            run_joins!()
+        )
+    };
+}
+
+const RUN_SELECT: &str = concat!("SELECT ", run_columns!(), " FROM runs r ", run_joins!());
 
 fn run_from_row(row: &Row) -> Result<Run> {
     let status: String = row.get("status");
@@ -243,7 +318,7 @@ impl PgStore {
     async fn migrate(&self) -> Result<()> {
         let mut client = self.pool.get().await.map_err(pool_err)?;
         client
-            .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
+            .execute_cached("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
             .await
             .map_err(db_err)?;
         let result = async {
@@ -255,7 +330,7 @@ impl PgStore {
                 .await
                 .map_err(db_err)?;
             let applied: i32 = client
-                .query_one("SELECT coalesce(max(version), 0) FROM schema_migrations", &[])
+                .query_one_cached("SELECT coalesce(max(version), 0) FROM schema_migrations", &[])
                 .await
                 .map_err(db_err)?
                 .get(0);
@@ -269,7 +344,7 @@ impl PgStore {
             for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| *v > applied) {
                 let tx = client.transaction().await.map_err(db_err)?;
                 tx.batch_execute(sql).await.map_err(db_err)?;
-                tx.execute("INSERT INTO schema_migrations (version) VALUES ($1)", &[version]).await.map_err(db_err)?;
+                tx.execute_cached("INSERT INTO schema_migrations (version) VALUES ($1)", &[version]).await.map_err(db_err)?;
                 tx.commit().await.map_err(db_err)?;
                 tracing::info!(version, "applied database migration");
             }
@@ -277,7 +352,7 @@ impl PgStore {
         }
         .await;
         client
-            .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK])
+            .execute_cached("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK])
             .await
             .map_err(db_err)?;
         result
@@ -286,15 +361,6 @@ impl PgStore {
     async fn client(&self) -> Result<deadpool_postgres::Object> {
         self.pool.get().await.map_err(pool_err)
     }
-
-    async fn run_by_id(&self, id: Uuid) -> Result<Option<Run>> {
-        let client = self.client().await?;
-        let row = client
-            .query_opt(&format!("{RUN_SELECT} WHERE r.id = $1"), &[&id])
-            .await
-            .map_err(db_err)?;
-        row.as_ref().map(run_from_row).transpose()
-    }
 }
 
 #[async_trait]
@@ -302,7 +368,7 @@ impl Store for PgStore {
     async fn create_organization(&self, name: &str) -> Result<Organization> {
         let client = self.client().await?;
         let row = client
-            .query_one(
+            .query_one_cached(
                 "INSERT INTO organizations (id, name) VALUES ($1, $2) RETURNING id, name, created_at",
                 &[&Uuid::now_v7(), &name],
             )
@@ -318,7 +384,7 @@ impl Store for PgStore {
     async fn organization_by_name(&self, name: &str) -> Result<Option<Organization>> {
         let client = self.client().await?;
         let row = client
-            .query_opt(
+            .query_opt_cached(
                 "SELECT id, name, created_at FROM organizations WHERE name = $1",
                 &[&name],
             )
@@ -334,7 +400,7 @@ impl Store for PgStore {
     async fn list_organizations(&self, scope: Scope) -> Result<Vec<Organization>> {
         let client = self.client().await?;
         let rows = client
-            .query(
+            .query_cached(
                 "SELECT id, name, created_at FROM organizations WHERE ($1::uuid IS NULL OR id = $1) ORDER BY name",
                 &[&scope.org()],
             )
@@ -353,7 +419,7 @@ impl Store for PgStore {
     async fn create_identity(&self, org_id: Uuid, name: &str, role: Role) -> Result<Identity> {
         let client = self.client().await?;
         let row = client
-            .query_one(
+            .query_one_cached(
                 "WITH i AS (INSERT INTO identities (id, org_id, name, role) VALUES ($1, $2, $3, $4) RETURNING id, org_id, name) \
                  SELECT i.id, i.org_id, o.name, i.name FROM i JOIN organizations o ON o.id = i.org_id",
                 &[&Uuid::now_v7(), &org_id, &name, &role.as_str()],
@@ -373,7 +439,7 @@ impl Store for PgStore {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(db_err)?;
         let inserted = tx
-            .execute(
+            .execute_cached(
                 "INSERT INTO bootstrap DEFAULT VALUES ON CONFLICT DO NOTHING",
                 &[],
             )
@@ -383,7 +449,7 @@ impl Store for PgStore {
             return Ok(false);
         }
         let org_id: Uuid = tx
-            .query_one(
+            .query_one_cached(
                 "INSERT INTO organizations (id, name) VALUES ($1, $2) \
                  ON CONFLICT (name) DO UPDATE SET name = EXCLUDED.name RETURNING id",
                 &[&Uuid::now_v7(), &admin.org_name],
@@ -392,7 +458,7 @@ impl Store for PgStore {
             .map_err(db_err)?
             .get(0);
         let identity_id = Uuid::now_v7();
-        tx.execute(
+        tx.execute_cached(
             "INSERT INTO identities (id, org_id, name, role) VALUES ($1, $2, $3, $4)",
             &[
                 &identity_id,
@@ -403,7 +469,7 @@ impl Store for PgStore {
         )
         .await
         .map_err(db_err)?;
-        tx.execute(
+        tx.execute_cached(
             "INSERT INTO api_keys (id, identity_id, org_id, name, prefix, token_hash) VALUES ($1, $2, $3, $4, $5, $6)",
             &[&Uuid::now_v7(), &identity_id, &org_id, &admin.key_name, &admin.prefix, &admin.token_hash],
         )
@@ -416,7 +482,7 @@ impl Store for PgStore {
     async fn claim_setting(&self, name: &str, value: &str) -> Result<String> {
         let client = self.client().await?;
         client
-            .execute(
+            .execute_cached(
                 "INSERT INTO cluster_settings (name, value) VALUES ($1, $2) \
                  ON CONFLICT (name) DO NOTHING",
                 &[&name, &value],
@@ -424,7 +490,7 @@ impl Store for PgStore {
             .await
             .map_err(db_err)?;
         let row = client
-            .query_one(
+            .query_one_cached(
                 "SELECT value FROM cluster_settings WHERE name = $1",
                 &[&name],
             )
@@ -436,7 +502,7 @@ impl Store for PgStore {
     async fn create_api_key(&self, key: NewApiKey) -> Result<ApiKey> {
         let client = self.client().await?;
         let row = client
-            .query_one(
+            .query_one_cached(
                 "INSERT INTO api_keys (id, identity_id, org_id, name, prefix, token_hash, expires_at) \
                  VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING *",
                 &[&Uuid::now_v7(), &key.identity_id, &key.org_id, &key.name, &key.prefix, &key.token_hash, &key.expires_at],
@@ -453,7 +519,7 @@ impl Store for PgStore {
     ) -> Result<Option<(ApiKey, Identity)>> {
         let client = self.client().await?;
         let row = client
-            .query_opt(
+            .query_opt_cached(
                 "SELECT k.*, i.name AS identity_name, i.role, o.name AS org_name \
                  FROM api_keys k JOIN identities i ON i.id = k.identity_id JOIN organizations o ON o.id = i.org_id \
                  WHERE k.token_hash = $1 AND k.revoked_at IS NULL AND (k.expires_at IS NULL OR k.expires_at > $2)",
@@ -474,7 +540,7 @@ impl Store for PgStore {
         let mut key = api_key_from_row(&row);
         if super::use_to_record(key.last_used_at, now) {
             client
-                .execute(
+                .execute_cached(
                     "UPDATE api_keys SET last_used_at = $2 \
                      WHERE id = $1 AND (last_used_at IS NULL OR last_used_at < $2)",
                     &[&key.id, &now],
@@ -489,7 +555,7 @@ impl Store for PgStore {
     async fn list_api_keys(&self, scope: Scope, page: Page) -> Result<(i64, Vec<ApiKey>)> {
         let client = self.client().await?;
         let count: i64 = client
-            .query_one(
+            .query_one_cached(
                 "SELECT count(*) FROM api_keys WHERE ($1::uuid IS NULL OR org_id = $1)",
                 &[&scope.org()],
             )
@@ -497,7 +563,7 @@ impl Store for PgStore {
             .map_err(db_err)?
             .get(0);
         let rows = client
-            .query(
+            .query_cached(
                 "SELECT * FROM api_keys WHERE ($1::uuid IS NULL OR org_id = $1) ORDER BY created_at, id LIMIT $2 OFFSET $3",
                 &[&scope.org(), &i64::from(page.page_size), &page.offset()],
             )
@@ -509,7 +575,7 @@ impl Store for PgStore {
     async fn revoke_api_key(&self, scope: Scope, id: Uuid, now: DateTime<Utc>) -> Result<bool> {
         let client = self.client().await?;
         let n = client
-            .execute(
+            .execute_cached(
                 "UPDATE api_keys SET revoked_at = coalesce(revoked_at, $3) WHERE id = $1 AND ($2::uuid IS NULL OR org_id = $2)",
                 &[&id, &scope.org(), &now],
             )
@@ -528,14 +594,14 @@ impl Store for PgStore {
     ) -> Result<Workspace> {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(db_err)?;
-        tx.execute(
+        tx.execute_cached(
             "INSERT INTO bundles (digest, size, data) VALUES ($1, $2, $3) ON CONFLICT (digest) DO NOTHING",
             &[&digest, &(bundle.len() as i64), &bundle],
         )
         .await
         .map_err(db_err)?;
         let id: Uuid = tx
-            .query_one(
+            .query_one_cached(
                 "INSERT INTO workspaces (id, org_id, name, bundle_digest, model) VALUES ($1, $2, $3, $4, $5) \
                  ON CONFLICT (org_id, name) DO UPDATE SET bundle_digest = EXCLUDED.bundle_digest, \
                    model = EXCLUDED.model, updated_at = now() RETURNING id",
@@ -545,7 +611,7 @@ impl Store for PgStore {
             .map_err(db_err)?
             .get(0);
         let row = tx
-            .query_one(&format!("{WORKSPACE_SELECT} WHERE w.id = $1"), &[&id])
+            .query_one_cached(&format!("{WORKSPACE_SELECT} WHERE w.id = $1"), &[&id])
             .await
             .map_err(db_err)?;
         tx.commit().await.map_err(db_err)?;
@@ -555,7 +621,7 @@ impl Store for PgStore {
     async fn workspaces_named(&self, scope: Scope, name: &str) -> Result<Vec<Workspace>> {
         let client = self.client().await?;
         let rows = client
-            .query(
+            .query_cached(
                 &format!("{WORKSPACE_SELECT} WHERE w.name = $1 AND ($2::uuid IS NULL OR w.org_id = $2) ORDER BY o.name"),
                 &[&name, &scope.org()],
             )
@@ -567,7 +633,7 @@ impl Store for PgStore {
     async fn list_workspaces(&self, scope: Scope, page: Page) -> Result<(i64, Vec<Workspace>)> {
         let client = self.client().await?;
         let count: i64 = client
-            .query_one(
+            .query_one_cached(
                 "SELECT count(*) FROM workspaces WHERE ($1::uuid IS NULL OR org_id = $1)",
                 &[&scope.org()],
             )
@@ -575,7 +641,7 @@ impl Store for PgStore {
             .map_err(db_err)?
             .get(0);
         let rows = client
-            .query(
+            .query_cached(
                 &format!("{WORKSPACE_SELECT} WHERE ($1::uuid IS NULL OR w.org_id = $1) ORDER BY o.name, w.name LIMIT $2 OFFSET $3"),
                 &[&scope.org(), &i64::from(page.page_size), &page.offset()],
             )
@@ -590,51 +656,49 @@ impl Store for PgStore {
     async fn bundle(&self, digest: &str) -> Result<Option<Vec<u8>>> {
         let client = self.client().await?;
         let row = client
-            .query_opt("SELECT data FROM bundles WHERE digest = $1", &[&digest])
+            .query_opt_cached("SELECT data FROM bundles WHERE digest = $1", &[&digest])
             .await
             .map_err(db_err)?;
         Ok(row.map(|r| r.get(0)))
     }
 
     async fn create_run(&self, run: NewRun) -> Result<Run> {
-        let id = Uuid::now_v7();
-        {
-            let client = self.client().await?;
-            client
-                .execute(
+        let client = self.client().await?;
+        let row = client
+            .query_one_cached(
+                run_returning!(
                     "INSERT INTO runs (id, org_id, workspace_id, workspace, bundle_digest, block, block_version, action, \
                      parameters, reason, trigger, plan, runner_labels, status, max_attempts, timeout_secs) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, 'queued', $14, $15)",
-                    &[
-                        &id,
-                        &run.org_id,
-                        &run.workspace_id,
-                        &run.workspace,
-                        &run.bundle_digest,
-                        &run.block,
-                        &run.block_version,
-                        &run.action,
-                        &run.parameters,
-                        &run.reason,
-                        &run.trigger,
-                        &run.plan,
-                        &labels_json(&run.runner_labels),
-                        &run.max_attempts,
-                        &run.timeout_secs,
-                    ],
-                )
-                .await
-                .map_err(db_err)?;
-        }
-        self.run_by_id(id)
-            .await?
-            .ok_or_else(|| StoreError::Database("inserted run vanished".into()))
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, 'queued', $14, $15) \
+                     RETURNING runs.*"
+                ),
+                &[
+                    &Uuid::now_v7(),
+                    &run.org_id,
+                    &run.workspace_id,
+                    &run.workspace,
+                    &run.bundle_digest,
+                    &run.block,
+                    &run.block_version,
+                    &run.action,
+                    &run.parameters,
+                    &run.reason,
+                    &run.trigger,
+                    &run.plan,
+                    &labels_json(&run.runner_labels),
+                    &run.max_attempts,
+                    &run.timeout_secs,
+                ],
+            )
+            .await
+            .map_err(db_err)?;
+        run_from_row(&row)
     }
 
     async fn run(&self, scope: Scope, id: Uuid) -> Result<Option<Run>> {
         let client = self.client().await?;
         let row = client
-            .query_opt(
+            .query_opt_cached(
                 &format!("{RUN_SELECT} WHERE r.id = $1 AND ($2::uuid IS NULL OR r.org_id = $2)"),
                 &[&id, &scope.org()],
             )
@@ -656,7 +720,7 @@ impl Store for PgStore {
               OR r.trigger->>'user' = $6 OR r.trigger->>'ci' = $6)";
         let status = filter.status.map(RunStatus::as_str);
         let count: i64 = client
-            .query_one(
+            .query_one_cached(
                 &format!("SELECT count(*) FROM runs r WHERE {condition}"),
                 &[
                     &scope.org(),
@@ -671,7 +735,7 @@ impl Store for PgStore {
             .map_err(db_err)?
             .get(0);
         let rows = client
-            .query(
+            .query_cached(
                 &format!("{RUN_SELECT} WHERE {condition} ORDER BY r.created_at DESC, r.id DESC LIMIT $7 OFFSET $8"),
                 &[
                     &scope.org(),
@@ -696,29 +760,25 @@ impl Store for PgStore {
         // locked only once there is a run to take: a row lock makes the
         // transaction a write, and an empty claim (most dispatch passes)
         // would wait for a WAL flush for nothing.
-        let id: Option<Uuid> = {
-            let client = self.client().await?;
-            client
-                .query_opt(
+        let client = self.client().await?;
+        let row = client
+            .query_opt_cached(
+                run_returning!(
                     "WITH next AS ( \
                        SELECT id FROM runs \
                        WHERE status = 'queued' AND ($2::uuid IS NULL OR org_id = $2) AND $3::jsonb @> runner_labels \
                        ORDER BY created_at, id LIMIT 1 FOR UPDATE SKIP LOCKED), \
                      runner AS (SELECT id FROM runners WHERE id = $1 AND revoked_at IS NULL \
                        AND EXISTS (SELECT 1 FROM next) FOR SHARE) \
-                     UPDATE runs r SET status = 'leased', runner_id = $1, fencing_token = nextval('fencing_tokens'), \
-                       attempt = r.attempt + 1, leased_at = now(), lease_expires_at = $4 \
-                     FROM next, runner WHERE r.id = next.id RETURNING r.id",
-                    &[&claim.runner_id, &claim.runner_org, &labels_json(&claim.labels), &claim.lease_expires_at],
-                )
-                .await
-                .map_err(db_err)?
-                .map(|row| row.get(0))
-        };
-        match id {
-            Some(id) => self.run_by_id(id).await,
-            None => Ok(None),
-        }
+                     UPDATE runs SET status = 'leased', runner_id = $1, fencing_token = nextval('fencing_tokens'), \
+                       attempt = runs.attempt + 1, leased_at = now(), lease_expires_at = $4 \
+                     FROM next, runner WHERE runs.id = next.id RETURNING runs.*"
+                ),
+                &[&claim.runner_id, &claim.runner_org, &labels_json(&claim.labels), &claim.lease_expires_at],
+            )
+            .await
+            .map_err(db_err)?;
+        row.as_ref().map(run_from_row).transpose()
     }
 
     async fn extend_leases(
@@ -734,7 +794,7 @@ impl Store for PgStore {
         let tokens: Vec<i64> = held.iter().map(|(_, t)| *t).collect();
         let client = self.client().await?;
         let rows = client
-            .query(
+            .query_cached(
                 "UPDATE runs r SET lease_expires_at = $4 \
                  FROM UNNEST($2::uuid[], $3::bigint[]) AS h(id, token) \
                  WHERE r.id = h.id AND r.fencing_token = h.token AND r.runner_id = $1 \
@@ -764,7 +824,7 @@ impl Store for PgStore {
     async fn expired_leases(&self, now: DateTime<Utc>, limit: i64) -> Result<Vec<(Uuid, i64)>> {
         let client = self.client().await?;
         let rows = client
-            .query(
+            .query_cached(
                 "SELECT id, fencing_token FROM runs \
                  WHERE status IN ('leased', 'running') AND lease_expires_at < $1 \
                  ORDER BY lease_expires_at LIMIT $2",
@@ -778,7 +838,7 @@ impl Store for PgStore {
     async fn queued_runs(&self) -> Result<i64> {
         let client = self.client().await?;
         let row = client
-            .query_one("SELECT count(*) FROM runs WHERE status = 'queued'", &[])
+            .query_one_cached("SELECT count(*) FROM runs WHERE status = 'queued'", &[])
             .await
             .map_err(db_err)?;
         Ok(row.get(0))
@@ -794,7 +854,7 @@ impl Store for PgStore {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(db_err)?;
         let n = tx
-            .execute(
+            .execute_cached(
                 "UPDATE runs SET \
                    status = CASE \
                      WHEN attempt < max_attempts AND cancel_requested_at IS NULL THEN 'queued' \
@@ -826,7 +886,7 @@ impl Store for PgStore {
             return Ok(None);
         }
         let row = tx
-            .query_one(&format!("{RUN_SELECT} WHERE r.id = $1"), &[&id])
+            .query_one_cached(&format!("{RUN_SELECT} WHERE r.id = $1"), &[&id])
             .await
             .map_err(db_err)?;
         tx.commit().await.map_err(db_err)?;
@@ -842,7 +902,7 @@ impl Store for PgStore {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(db_err)?;
         let held = tx
-            .query_opt(
+            .query_opt_cached(
                 "SELECT 1 FROM runs WHERE id = $1 AND fencing_token = $2 \
                  AND status IN ('leased', 'running') FOR UPDATE",
                 &[&id, &token],
@@ -853,7 +913,7 @@ impl Store for PgStore {
             return Ok(Fenced::Stale);
         }
         for (path, data) in files {
-            tx.execute(
+            tx.execute_cached(
                 "INSERT INTO run_artifacts (run_id, path, size, sha256, data) VALUES ($1, $2, $3, $4, $5) \
                  ON CONFLICT (run_id, path) DO UPDATE SET size = $3, sha256 = $4, data = $5",
                 &[&id, path, &(data.len() as i64), &sha256_hex(data), data],
@@ -871,7 +931,7 @@ impl Store for PgStore {
         }
         let client = self.client().await?;
         let rows = client
-            .query(
+            .query_cached(
                 "SELECT path, size, sha256 FROM run_artifacts WHERE run_id = $1 ORDER BY path",
                 &[&id],
             )
@@ -891,7 +951,7 @@ impl Store for PgStore {
     async fn artifact(&self, scope: Scope, id: Uuid, path: &str) -> Result<Option<Vec<u8>>> {
         let client = self.client().await?;
         let row = client
-            .query_opt(
+            .query_opt_cached(
                 "SELECT a.data FROM run_artifacts a JOIN runs r ON r.id = a.run_id \
                  WHERE a.run_id = $1 AND a.path = $2 AND ($3::uuid IS NULL OR r.org_id = $3)",
                 &[&id, &path, &scope.org()],
@@ -910,7 +970,7 @@ impl Store for PgStore {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(db_err)?;
         let row = tx
-            .query_opt(
+            .query_opt_cached(
                 "SELECT status FROM runs WHERE id = $1 AND ($2::uuid IS NULL OR org_id = $2) FOR UPDATE",
                 &[&id, &scope.org()],
             )
@@ -921,7 +981,7 @@ impl Store for PgStore {
         };
         let status: String = row.get(0);
         let was_queued = status == "queued";
-        tx.execute(
+        tx.execute_cached(
             "UPDATE runs SET \
                status = CASE WHEN status = 'queued' THEN 'canceled' ELSE status END, \
                error = CASE WHEN status = 'queued' THEN 'canceled before it started' ELSE error END, \
@@ -933,7 +993,7 @@ impl Store for PgStore {
         .await
         .map_err(db_err)?;
         let row = tx
-            .query_one(&format!("{RUN_SELECT} WHERE r.id = $1"), &[&id])
+            .query_one_cached(&format!("{RUN_SELECT} WHERE r.id = $1"), &[&id])
             .await
             .map_err(db_err)?;
         tx.commit().await.map_err(db_err)?;
@@ -950,7 +1010,7 @@ impl Store for PgStore {
     async fn release_lease(&self, id: Uuid, token: i64) -> Result<Fenced> {
         let client = self.client().await?;
         let n = client
-            .execute(
+            .execute_cached(
                 "UPDATE runs SET status = 'queued', runner_id = NULL, leased_at = NULL, lease_expires_at = NULL \
                  WHERE id = $1 AND fencing_token = $2 AND status = 'leased'",
                 &[&id, &token],
@@ -964,50 +1024,97 @@ impl Store for PgStore {
         })
     }
 
-    async fn mark_running(&self, id: Uuid, token: i64, start: &RunStart) -> Result<Fenced> {
+    async fn mark_running(&self, id: Uuid, token: i64, start: &RunStart) -> Result<Option<Run>> {
+        // The one commit of a run's life that does not wait for its WAL
+        // flush (`synchronous_commit` off for this statement's transaction
+        // only). Losing it in a crash loses nothing that matters: WAL is
+        // replayed in order, so once a later durable commit (the result,
+        // another run's claim) is on disk, this one is too; and what a
+        // crash can take back is only the run's move from `leased` to
+        // `running` with its start time and executor. The fencing token and
+        // the lease are untouched by it, `finish_run` and `append_logs`
+        // accept a `leased` run as well, and a runner resends its `Started`
+        // when it reconnects, so the mark is made again. At worst a run
+        // that a lost runner leaves behind ends `lost` instead of
+        // `timed_out` (that needs the start time).
         let client = self.client().await?;
-        let n = client
-            .execute(
-                "UPDATE runs SET status = 'running', executor = $3, image = $4, image_digest = $5, started_at = $6 \
-                 WHERE id = $1 AND fencing_token = $2 AND status IN ('leased', 'running')",
+        let row = client
+            .query_opt_cached(
+                run_returning!(
+                    "UPDATE runs SET status = 'running', executor = $3, image = $4, image_digest = $5, started_at = $6 \
+                     FROM (SELECT set_config('synchronous_commit', 'off', true)) AS commit_mode \
+                     WHERE runs.id = $1 AND runs.fencing_token = $2 AND runs.status IN ('leased', 'running') \
+                     RETURNING runs.*"
+                ),
                 &[&id, &token, &start.executor, &start.image, &start.image_digest, &start.started_at],
             )
             .await
             .map_err(db_err)?;
-        Ok(if n == 1 {
-            Fenced::Applied
-        } else {
-            Fenced::Stale
-        })
+        row.as_ref().map(run_from_row).transpose()
     }
 
-    async fn finish_run(&self, id: Uuid, token: i64, end: &RunEnd) -> Result<Fenced> {
-        let client = self.client().await?;
-        let n = client
-            .execute(
-                "UPDATE runs SET status = $3, exit_code = $4, error = $5, log_last_seq = $6, finished_at = $7, \
-                   lease_expires_at = NULL, log_bytes = $8, log_sha256 = $9, log_verified = $10 \
-                 WHERE id = $1 AND fencing_token = $2 AND status IN ('leased', 'running')",
+    async fn finish_run(&self, id: Uuid, token: i64, end: &RunEnd) -> Result<Option<Run>> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(db_err)?;
+        let Some(held) = tx
+            .query_opt_cached(
+                "SELECT log_seq_base FROM runs \
+                 WHERE id = $1 AND fencing_token = $2 AND status IN ('leased', 'running') FOR UPDATE",
+                &[&id, &token],
+            )
+            .await
+            .map_err(db_err)?
+        else {
+            return Ok(None);
+        };
+        let log_check = match &end.log_account {
+            None => None,
+            Some(account) => {
+                // The stream delivers a run's messages in order, so every
+                // chunk the runner sent before its result is stored by now.
+                let mut digest = LogDigest::default();
+                let mut after: i64 = held.get(0);
+                while after < end.last_seq {
+                    let rows = tx
+                        .query_cached(
+                            "SELECT seq, data FROM run_logs WHERE run_id = $1 AND seq > $2 AND seq <= $3 \
+                             ORDER BY seq LIMIT $4",
+                            &[&id, &after, &end.last_seq, &LOG_CHECK_PAGE],
+                        )
+                        .await
+                        .map_err(db_err)?;
+                    let Some(last) = rows.last() else { break };
+                    after = last.get(0);
+                    for row in &rows {
+                        digest.update(row.get::<_, &[u8]>(1));
+                    }
+                }
+                Some(digest.check(account))
+            }
+        };
+        let row = tx
+            .query_one_cached(
+                run_returning!(
+                    "UPDATE runs SET status = $2, exit_code = $3, error = $4, log_last_seq = $5, finished_at = $6, \
+                       lease_expires_at = NULL, log_bytes = $7, log_sha256 = $8, log_verified = $9 \
+                     WHERE id = $1 RETURNING runs.*"
+                ),
                 &[
                     &id,
-                    &token,
                     &end.status.as_str(),
                     &end.exit_code,
                     &end.error,
                     &end.last_seq,
                     &end.finished_at,
-                    &end.log_check.as_ref().map(|c| c.bytes),
-                    &end.log_check.as_ref().map(|c| c.sha256.clone()),
-                    &end.log_check.as_ref().map(|c| c.verified),
+                    &log_check.as_ref().map(|c| c.bytes),
+                    &log_check.as_ref().map(|c| c.sha256.as_str()),
+                    &log_check.as_ref().map(|c| c.verified),
                 ],
             )
             .await
             .map_err(db_err)?;
-        Ok(if n == 1 {
-            Fenced::Applied
-        } else {
-            Fenced::Stale
-        })
+        tx.commit().await.map_err(db_err)?;
+        run_from_row(&row).map(Some)
     }
 
     async fn append_logs(
@@ -1019,7 +1126,7 @@ impl Store for PgStore {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(db_err)?;
         let row = tx
-            .query_opt(
+            .query_opt_cached(
                 "SELECT log_acked_seq FROM runs WHERE id = $1 AND fencing_token = $2 AND status IN ('leased', 'running') FOR UPDATE",
                 &[&id, &token],
             )
@@ -1035,7 +1142,7 @@ impl Store for PgStore {
             let streams: Vec<i16> = fresh.iter().map(|c| c.stream).collect();
             let ts: Vec<DateTime<Utc>> = fresh.iter().map(|c| c.ts).collect();
             let data: Vec<&[u8]> = fresh.iter().map(|c| c.data.as_slice()).collect();
-            tx.execute(
+            tx.execute_cached(
                 "INSERT INTO run_logs (run_id, seq, stream, ts, data) \
                  SELECT $1, * FROM UNNEST($2::bigint[], $3::smallint[], $4::timestamptz[], $5::bytea[]) \
                  ON CONFLICT DO NOTHING",
@@ -1050,7 +1157,7 @@ impl Store for PgStore {
             // `seq - row_number() = acked`.
             if fresh.iter().any(|c| c.seq == acked + 1) {
                 let row = tx
-                    .query_one(
+                    .query_one_cached(
                         "SELECT COALESCE(MAX(seq), $2) FROM ( \
                            SELECT seq, seq - row_number() OVER (ORDER BY seq) AS base \
                            FROM run_logs WHERE run_id = $1 AND seq > $2) s \
@@ -1061,7 +1168,7 @@ impl Store for PgStore {
                     .map_err(db_err)?;
                 acked = row.get(0);
             }
-            tx.execute(
+            tx.execute_cached(
                 "UPDATE runs SET log_acked_seq = $2 WHERE id = $1",
                 &[&id, &acked],
             )
@@ -1075,7 +1182,7 @@ impl Store for PgStore {
     async fn logs(&self, id: Uuid, after_seq: i64, limit: i64) -> Result<Vec<LogChunk>> {
         let client = self.client().await?;
         let rows = client
-            .query(
+            .query_cached(
                 "SELECT seq, stream, ts, data FROM run_logs WHERE run_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
                 &[&id, &after_seq, &limit],
             )
@@ -1095,7 +1202,7 @@ impl Store for PgStore {
     async fn active_runs_of_runner(&self, runner_id: Uuid) -> Result<Vec<Run>> {
         let client = self.client().await?;
         let rows = client
-            .query(
+            .query_cached(
                 &format!("{RUN_SELECT} WHERE r.runner_id = $1 AND r.status IN ('leased', 'running') ORDER BY r.leased_at"),
                 &[&runner_id],
             )
@@ -1107,7 +1214,7 @@ impl Store for PgStore {
     async fn create_join_token(&self, token: NewJoinToken) -> Result<JoinToken> {
         let client = self.client().await?;
         let row = client
-            .query_one(
+            .query_one_cached(
                 "INSERT INTO join_tokens (id, token_hash, org_id, created_by, single_use, expires_at) \
                  VALUES ($1, $2, $3, $4, $5, $6) RETURNING id, org_id, single_use, expires_at",
                 &[&Uuid::now_v7(), &token.token_hash, &token.org_id, &token.created_by, &token.single_use, &token.expires_at],
@@ -1130,7 +1237,7 @@ impl Store for PgStore {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(db_err)?;
         let row = tx
-            .query_opt(
+            .query_opt_cached(
                 "SELECT id, org_id, single_use, expires_at, used_at FROM join_tokens WHERE token_hash = $1 FOR UPDATE",
                 &[&token_hash],
             )
@@ -1152,7 +1259,7 @@ impl Store for PgStore {
         if token.single_use && used_at.is_some() {
             return Ok(Err(JoinTokenRefusal::Used));
         }
-        tx.execute(
+        tx.execute_cached(
             "UPDATE join_tokens SET used_at = coalesce(used_at, $2) WHERE id = $1",
             &[&token.id, &now],
         )
@@ -1166,7 +1273,7 @@ impl Store for PgStore {
         {
             let client = self.client().await?;
             client
-                .execute(
+                .execute_cached(
                     "INSERT INTO runners (id, org_id, name, labels, capacity, cert_serial, cert_not_after) \
                      VALUES ($1, $2, $3, $4, $5, $6, $7)",
                     &[
@@ -1190,7 +1297,7 @@ impl Store for PgStore {
     async fn runner(&self, id: Uuid) -> Result<Option<Runner>> {
         let client = self.client().await?;
         let row = client
-            .query_opt(&format!("{RUNNER_SELECT} WHERE rn.id = $1"), &[&id])
+            .query_opt_cached(&format!("{RUNNER_SELECT} WHERE rn.id = $1"), &[&id])
             .await
             .map_err(db_err)?;
         row.as_ref().map(runner_from_row).transpose()
@@ -1201,7 +1308,7 @@ impl Store for PgStore {
         // An organization sees its own runners and the instance-wide ones that serve it.
         let condition = "($1::uuid IS NULL OR rn.org_id = $1 OR rn.org_id IS NULL)";
         let count: i64 = client
-            .query_one(
+            .query_one_cached(
                 &format!("SELECT count(*) FROM runners rn WHERE {condition}"),
                 &[&scope.org()],
             )
@@ -1209,7 +1316,7 @@ impl Store for PgStore {
             .map_err(db_err)?
             .get(0);
         let rows = client
-            .query(
+            .query_cached(
                 &format!("{RUNNER_SELECT} WHERE {condition} ORDER BY rn.created_at, rn.id LIMIT $2 OFFSET $3"),
                 &[&scope.org(), &i64::from(page.page_size), &page.offset()],
             )
@@ -1232,7 +1339,7 @@ impl Store for PgStore {
     ) -> Result<()> {
         let client = self.client().await?;
         client
-            .execute(
+            .execute_cached(
                 "UPDATE runners SET connected = true, labels = $2, capacity = $3, version = $4, last_seen_at = $5, \
                    previous_cert_serial = CASE WHEN cert_serial = $6 THEN NULL ELSE previous_cert_serial END \
                  WHERE id = $1",
@@ -1246,7 +1353,7 @@ impl Store for PgStore {
     async fn runner_seen(&self, id: Uuid, now: DateTime<Utc>) -> Result<()> {
         let client = self.client().await?;
         client
-            .execute(
+            .execute_cached(
                 "UPDATE runners SET last_seen_at = $2 WHERE id = $1",
                 &[&id, &now],
             )
@@ -1258,7 +1365,7 @@ impl Store for PgStore {
     async fn runner_disconnected(&self, id: Uuid, now: DateTime<Utc>) -> Result<()> {
         let client = self.client().await?;
         client
-            .execute(
+            .execute_cached(
                 "UPDATE runners SET connected = false, last_seen_at = $2 WHERE id = $1",
                 &[&id, &now],
             )
@@ -1276,7 +1383,7 @@ impl Store for PgStore {
         let n = {
             let client = self.client().await?;
             client
-                .execute(
+                .execute_cached(
                     "UPDATE runners SET revoked_at = coalesce(revoked_at, $3) \
                      WHERE id = $1 AND ($2::uuid IS NULL OR org_id = $2)",
                     &[&id, &scope.org(), &now],
@@ -1293,7 +1400,7 @@ impl Store for PgStore {
     async fn revoked_runners(&self) -> Result<Vec<RevokedRunner>> {
         let client = self.client().await?;
         let rows = client
-            .query(
+            .query_cached(
                 "SELECT id, cert_serial, previous_cert_serial FROM runners \
                  WHERE revoked_at IS NOT NULL ORDER BY id",
                 &[],
@@ -1320,7 +1427,7 @@ impl Store for PgStore {
     ) -> Result<bool> {
         let client = self.client().await?;
         let n = client
-            .execute(
+            .execute_cached(
                 "UPDATE runners SET previous_cert_serial = $2, cert_serial = $3, cert_not_after = $4 \
                  WHERE id = $1 AND revoked_at IS NULL \
                    AND (cert_serial = $2 OR previous_cert_serial = $2)",

@@ -1397,14 +1397,16 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn mark_running(&self, id: Uuid, token: i64, start: &RunStart) -> Result<Fenced> {
+    async fn mark_running(&self, id: Uuid, token: i64, start: &RunStart) -> Result<Option<Run>> {
         let start = start.clone();
         self.write(move |conn| {
-            let n = conn.execute(
+            let id = id_text(id);
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let n = tx.execute(
                 "UPDATE runs SET status = 'running', executor = ?3, image = ?4, image_digest = ?5, started_at = ?6 \
                  WHERE id = ?1 AND fencing_token = ?2 AND status IN ('leased', 'running')",
                 params![
-                    id_text(id),
+                    id,
                     token,
                     start.executor,
                     start.image,
@@ -1412,32 +1414,67 @@ impl Store for SqliteStore {
                     micros(start.started_at)
                 ],
             )?;
-            Ok(fenced(n))
+            if n == 0 {
+                return Ok(None);
+            }
+            let run = run_by_id(&tx, &id)?;
+            tx.commit()?;
+            Ok(run)
         })
         .await
     }
 
-    async fn finish_run(&self, id: Uuid, token: i64, end: &RunEnd) -> Result<Fenced> {
+    async fn finish_run(&self, id: Uuid, token: i64, end: &RunEnd) -> Result<Option<Run>> {
         let end = end.clone();
         self.write(move |conn| {
-            let n = conn.execute(
-                "UPDATE runs SET status = ?3, exit_code = ?4, error = ?5, log_last_seq = ?6, finished_at = ?7, \
-                   lease_expires_at = NULL, log_bytes = ?8, log_sha256 = ?9, log_verified = ?10 \
-                 WHERE id = ?1 AND fencing_token = ?2 AND status IN ('leased', 'running')",
+            let id = id_text(id);
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let base: Option<i64> = tx
+                .query_row(
+                    "SELECT log_seq_base FROM runs \
+                     WHERE id = ?1 AND fencing_token = ?2 AND status IN ('leased', 'running')",
+                    params![id, token],
+                    |row| row.get(0),
+                )
+                .optional()?;
+            let Some(base) = base else {
+                return Ok(None);
+            };
+            let log_check = match &end.log_account {
+                None => None,
+                Some(account) => {
+                    // The stream delivers a run's messages in order, so every
+                    // chunk the runner sent before its result is stored by now.
+                    let mut digest = LogDigest::default();
+                    let mut stored = tx.prepare(
+                        "SELECT data FROM run_logs WHERE run_id = ?1 AND seq > ?2 AND seq <= ?3 ORDER BY seq",
+                    )?;
+                    let mut rows = stored.query(params![id, base, end.last_seq])?;
+                    while let Some(row) = rows.next()? {
+                        digest.update(row.get_ref(0)?.as_blob().map_err(rusqlite::Error::from)?);
+                    }
+                    Some(digest.check(account))
+                }
+            };
+            tx.execute(
+                "UPDATE runs SET status = ?2, exit_code = ?3, error = ?4, log_last_seq = ?5, finished_at = ?6, \
+                   lease_expires_at = NULL, log_bytes = ?7, log_sha256 = ?8, log_verified = ?9 \
+                 WHERE id = ?1",
                 params![
-                    id_text(id),
-                    token,
+                    id,
                     end.status.as_str(),
                     end.exit_code,
                     end.error,
                     end.last_seq,
                     micros(end.finished_at),
-                    end.log_check.as_ref().map(|c| c.bytes),
-                    end.log_check.as_ref().map(|c| c.sha256.clone()),
-                    end.log_check.as_ref().map(|c| c.verified)
+                    log_check.as_ref().map(|c| c.bytes),
+                    log_check.as_ref().map(|c| c.sha256.clone()),
+                    log_check.as_ref().map(|c| c.verified)
                 ],
             )?;
-            Ok(fenced(n))
+            let run = run_by_id(&tx, &id)?;
+            tx.commit()?;
+            Ok(run)
         })
         .await
     }

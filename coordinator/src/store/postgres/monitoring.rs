@@ -10,7 +10,7 @@ use muster_common::monitor::{AgentHealth, CheckResult, ConditionSpec};
 use tokio_postgres::Row;
 use uuid::Uuid;
 
-use super::{db_err, PgStore};
+use super::{db_err, Cached, PgStore};
 use crate::monitoring::eval::{for_storage, Loaded};
 use crate::monitoring::notify::Alert;
 use crate::monitoring::{
@@ -152,7 +152,7 @@ fn json<T: serde::Serialize>(value: &T) -> serde_json::Value {
 
 async fn agent_by_id(tx: &Transaction<'_>, id: Uuid) -> Result<Option<Agent>> {
     let row = tx
-        .query_opt(&format!("{AGENT_SELECT} WHERE a.id = $1"), &[&id])
+        .query_opt_cached(&format!("{AGENT_SELECT} WHERE a.id = $1"), &[&id])
         .await
         .map_err(db_err)?;
     Ok(row.as_ref().map(agent_from_row))
@@ -165,7 +165,7 @@ async fn load_locked(
     params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
 ) -> Result<Vec<Loaded>> {
     let rows = tx
-        .query(
+        .query_cached(
             &format!("{ENDPOINT_SELECT} WHERE {condition} ORDER BY e.id FOR UPDATE OF e"),
             params,
         )
@@ -177,7 +177,7 @@ async fn load_locked(
         .collect::<Result<Vec<_>>>()?;
     let ids: Vec<Uuid> = endpoints.iter().map(|e| e.id).collect();
     let state_rows = tx
-        .query(
+        .query_cached(
             "SELECT * FROM endpoint_locations WHERE endpoint_id = ANY($1) ORDER BY endpoint_id, location",
             &[&ids],
         )
@@ -204,7 +204,7 @@ async fn write_back(tx: &Transaction<'_>, before: &Loaded, after: &Loaded) -> Re
     let (b, a) = (&before.endpoint, &after.endpoint);
     if (b.status, b.status_changed_at, &b.incident) != (a.status, a.status_changed_at, &a.incident)
     {
-        tx.execute(
+        tx.execute_cached(
             "UPDATE endpoints SET status = $2, status_changed_at = $3, incident_id = $4, \
              incident_started_at = $5, incident_muted = $6 WHERE id = $1",
             &[
@@ -223,7 +223,7 @@ async fn write_back(tx: &Transaction<'_>, before: &Loaded, after: &Loaded) -> Re
         if before.states.iter().any(|s| s == state) {
             continue;
         }
-        tx.execute(
+        tx.execute_cached(
             "UPDATE endpoint_locations SET state = $3, failures = $4, successes = $5, \
              last_checked_at = $6, last_result = $7, agent_id = $8 \
              WHERE endpoint_id = $1 AND location = $2",
@@ -247,7 +247,7 @@ async fn write_back(tx: &Transaction<'_>, before: &Loaded, after: &Loaded) -> Re
 /// Queues `alert` for every notifier of its organization; returns how many.
 async fn queue(tx: &Transaction<'_>, alert: &Alert, now: DateTime<Utc>) -> Result<usize> {
     let notifiers: Vec<Uuid> = tx
-        .query(
+        .query_cached(
             "SELECT id FROM notifiers WHERE org_id = $1 ORDER BY id",
             &[&alert.organization_id],
         )
@@ -258,7 +258,7 @@ async fn queue(tx: &Transaction<'_>, alert: &Alert, now: DateTime<Utc>) -> Resul
         .collect();
     let payload = alert.payload();
     for notifier in &notifiers {
-        tx.execute(
+        tx.execute_cached(
             "INSERT INTO notification_outbox (id, org_id, notifier_id, subject_id, payload, created_at, next_attempt_at) \
              VALUES ($1, $2, $3, $4, $5, $6, $6)",
             &[&Uuid::now_v7(), &alert.organization_id, notifier, &alert.subject_id(), &payload, &now],
@@ -274,7 +274,7 @@ async fn windows_at(
     org_id: Uuid,
     now: DateTime<Utc>,
 ) -> Result<Vec<MaintenanceWindow>> {
-    tx.query(
+    tx.query_cached(
         "SELECT * FROM maintenance_windows WHERE org_id = $1 AND starts_at <= $2 AND ends_at > $2",
         &[&org_id, &now],
     )
@@ -288,7 +288,7 @@ async fn windows_at(
 /// Whether another agent still reports from the location.
 async fn location_has_live_agent(tx: &Transaction<'_>, agent: &Agent) -> Result<bool> {
     Ok(tx
-        .query_one(
+        .query_one_cached(
             "SELECT EXISTS (SELECT 1 FROM agents WHERE org_id = $1 AND location = $2 AND id <> $3 \
                AND revoked_at IS NULL AND silent_since IS NULL AND last_heartbeat_at IS NOT NULL)",
             &[&agent.org_id, &agent.location, &agent.id],
@@ -329,7 +329,7 @@ pub(super) async fn create_agent(s: &PgStore, agent: NewAgent) -> Result<Agent> 
     let mut client = s.client().await?;
     let tx = client.transaction().await.map_err(db_err)?;
     let id = Uuid::now_v7();
-    tx.execute(
+    tx.execute_cached(
         "INSERT INTO agents (id, org_id, name, location, prefix, token_hash, created_by) \
          VALUES ($1, $2, $3, $4, $5, $6, $7)",
         &[
@@ -352,7 +352,7 @@ pub(super) async fn create_agent(s: &PgStore, agent: NewAgent) -> Result<Agent> 
 pub(super) async fn authenticate_agent(s: &PgStore, token_hash: &str) -> Result<Option<Agent>> {
     let client = s.client().await?;
     let row = client
-        .query_opt(
+        .query_opt_cached(
             &format!("{AGENT_SELECT} WHERE a.token_hash = $1 AND a.revoked_at IS NULL"),
             &[&token_hash],
         )
@@ -368,7 +368,7 @@ pub(super) async fn list_agents(
 ) -> Result<(i64, Vec<Agent>)> {
     let client = s.client().await?;
     let count: i64 = client
-        .query_one(
+        .query_one_cached(
             "SELECT count(*) FROM agents WHERE ($1::uuid IS NULL OR org_id = $1)",
             &[&scope.org()],
         )
@@ -376,7 +376,7 @@ pub(super) async fn list_agents(
         .map_err(db_err)?
         .get(0);
     let rows = client
-        .query(
+        .query_cached(
             &format!("{AGENT_SELECT} WHERE ($1::uuid IS NULL OR a.org_id = $1) ORDER BY a.location, a.name, a.id LIMIT $2 OFFSET $3"),
             &[&scope.org(), &i64::from(page.page_size), &page.offset()],
         )
@@ -394,7 +394,7 @@ pub(super) async fn revoke_agent(
     let mut client = s.client().await?;
     let tx = client.transaction().await.map_err(db_err)?;
     let was_live: Option<bool> = tx
-        .query_opt(
+        .query_opt_cached(
             "SELECT revoked_at IS NULL FROM agents WHERE id = $1 AND ($2::uuid IS NULL OR org_id = $2) FOR UPDATE",
             &[&id, &scope.org()],
         )
@@ -404,7 +404,7 @@ pub(super) async fn revoke_agent(
     let Some(was_live) = was_live else {
         return Ok(None);
     };
-    tx.execute(
+    tx.execute_cached(
         "UPDATE agents SET revoked_at = coalesce(revoked_at, $2) WHERE id = $1",
         &[&id, &now],
     )
@@ -427,7 +427,7 @@ pub(super) async fn agent_heartbeat(
     let mut client = s.client().await?;
     let tx = client.transaction().await.map_err(db_err)?;
     let Some(before) = tx
-        .query_opt(
+        .query_opt_cached(
             &format!("{AGENT_SELECT} WHERE a.id = $1 AND a.revoked_at IS NULL FOR UPDATE OF a"),
             &[&id],
         )
@@ -441,7 +441,7 @@ pub(super) async fn agent_heartbeat(
     else {
         return Ok(None);
     };
-    tx.execute(
+    tx.execute_cached(
         "UPDATE agents SET version = $2, endpoints_version = $3, buffered_results = $4, \
          checks_per_minute = $5, last_heartbeat_at = $6, silent_since = NULL, \
          silent_incident_id = NULL, silent_muted = false WHERE id = $1",
@@ -483,7 +483,7 @@ pub(super) async fn mark_silent_agents(
     while claimed.len() < MOST {
         let tx = client.transaction().await.map_err(db_err)?;
         let Some(agent) = tx
-            .query_opt(
+            .query_opt_cached(
                 &format!(
                     "{AGENT_SELECT} WHERE a.revoked_at IS NULL AND a.silent_since IS NULL \
                      AND a.last_heartbeat_at < $1 ORDER BY a.last_heartbeat_at, a.id LIMIT 1 \
@@ -503,7 +503,7 @@ pub(super) async fn mark_silent_agents(
             .iter()
             .any(|w| w.covers_agents(now));
         let incident = Uuid::now_v7();
-        tx.execute(
+        tx.execute_cached(
             "UPDATE agents SET silent_since = $2, silent_incident_id = $3, silent_muted = $4 WHERE id = $1",
             &[&agent.id, &now, &incident, &muted],
         )
@@ -531,7 +531,7 @@ pub(super) async fn create_endpoint(
     let mut client = s.client().await?;
     let tx = client.transaction().await.map_err(db_err)?;
     let id = Uuid::now_v7();
-    tx.execute(
+    tx.execute_cached(
         "INSERT INTO endpoints (id, org_id, name, kind, target, interval_secs, timeout_secs, \
          min_failing_locations, failure_threshold, success_threshold, conditions, options, \
          status, status_changed_at, created_at, updated_at) \
@@ -554,7 +554,7 @@ pub(super) async fn create_endpoint(
     )
     .await
     .map_err(db_err)?;
-    tx.execute(
+    tx.execute_cached(
         "INSERT INTO endpoint_locations (endpoint_id, org_id, location, state) \
          SELECT $1, $2, l, 'unknown' FROM UNNEST($3::text[]) AS l",
         &[&id, &org_id, &config.locations],
@@ -562,7 +562,7 @@ pub(super) async fn create_endpoint(
     .await
     .map_err(db_err)?;
     let row = tx
-        .query_one(&format!("{ENDPOINT_SELECT} WHERE e.id = $1"), &[&id])
+        .query_one_cached(&format!("{ENDPOINT_SELECT} WHERE e.id = $1"), &[&id])
         .await
         .map_err(db_err)?;
     tx.commit().await.map_err(db_err)?;
@@ -587,7 +587,7 @@ pub(super) async fn update_endpoint(
     let Some(old) = locked.into_iter().next() else {
         return Ok(None);
     };
-    tx.execute(
+    tx.execute_cached(
         "UPDATE endpoints SET name = $2, kind = $3, target = $4, interval_secs = $5, timeout_secs = $6, \
          min_failing_locations = $7, failure_threshold = $8, success_threshold = $9, conditions = $10, \
          options = $11, updated_at = $12 WHERE id = $1",
@@ -608,13 +608,13 @@ pub(super) async fn update_endpoint(
     )
     .await
     .map_err(db_err)?;
-    tx.execute(
+    tx.execute_cached(
         "DELETE FROM endpoint_locations WHERE endpoint_id = $1 AND location <> ALL($2)",
         &[&id, &config.locations],
     )
     .await
     .map_err(db_err)?;
-    tx.execute(
+    tx.execute_cached(
         "INSERT INTO endpoint_locations (endpoint_id, org_id, location, state) \
          SELECT $1, $2, l, 'unknown' FROM UNNEST($3::text[]) AS l ON CONFLICT DO NOTHING",
         &[&id, &old.endpoint.org_id, &config.locations],
@@ -642,7 +642,7 @@ pub(super) async fn update_endpoint(
 pub(super) async fn delete_endpoint(s: &PgStore, scope: Scope, id: Uuid) -> Result<bool> {
     let client = s.client().await?;
     let n = client
-        .execute(
+        .execute_cached(
             "DELETE FROM endpoints WHERE id = $1 AND ($2::uuid IS NULL OR org_id = $2)",
             &[&id, &scope.org()],
         )
@@ -658,7 +658,7 @@ pub(super) async fn list_endpoints(
 ) -> Result<(i64, Vec<Endpoint>)> {
     let client = s.client().await?;
     let count: i64 = client
-        .query_one(
+        .query_one_cached(
             "SELECT count(*) FROM endpoints WHERE ($1::uuid IS NULL OR org_id = $1)",
             &[&scope.org()],
         )
@@ -666,7 +666,7 @@ pub(super) async fn list_endpoints(
         .map_err(db_err)?
         .get(0);
     let rows = client
-        .query(
+        .query_cached(
             &format!("{ENDPOINT_SELECT} WHERE ($1::uuid IS NULL OR e.org_id = $1) ORDER BY e.name, e.id LIMIT $2 OFFSET $3"),
             &[&scope.org(), &i64::from(page.page_size), &page.offset()],
         )
@@ -694,7 +694,7 @@ pub(super) async fn endpoint_detail(
         .await
         .map_err(db_err)?;
     let Some(row) = tx
-        .query_opt(
+        .query_opt_cached(
             &format!("{ENDPOINT_SELECT} WHERE e.id = $1 AND ($2::uuid IS NULL OR e.org_id = $2)"),
             &[&id, &scope.org()],
         )
@@ -705,7 +705,7 @@ pub(super) async fn endpoint_detail(
     };
     let endpoint = endpoint_from_row(&row)?;
     let locations = tx
-        .query(
+        .query_cached(
             "SELECT * FROM endpoint_locations WHERE endpoint_id = $1 ORDER BY location",
             &[&id],
         )
@@ -718,7 +718,7 @@ pub(super) async fn endpoint_detail(
     let week = now - chrono::Duration::days(7);
     let month = now - chrono::Duration::days(30);
     let row = tx
-        .query_one(
+        .query_one_cached(
             "SELECT count(*) FILTER (WHERE checked_at >= $2), \
                     count(*) FILTER (WHERE checked_at >= $2 AND verdict <> 'down'), \
                     count(*) FILTER (WHERE checked_at >= $3), \
@@ -745,7 +745,7 @@ pub(super) async fn endpoint_detail(
 pub(super) async fn endpoints_for_agent(s: &PgStore, agent: &Agent) -> Result<Vec<Endpoint>> {
     let client = s.client().await?;
     let rows = client
-        .query(
+        .query_cached(
             &format!(
                 "{ENDPOINT_SELECT} WHERE e.org_id = $1 AND EXISTS (SELECT 1 FROM endpoint_locations el \
                  WHERE el.endpoint_id = e.id AND el.location = $2) ORDER BY e.id"
@@ -772,7 +772,7 @@ pub(super) async fn record_results(
         reason: reason.to_owned(),
     };
     let live = tx
-        .execute(
+        .execute_cached(
             "UPDATE agents SET last_report_at = $2 WHERE id = $1 AND revoked_at IS NULL",
             &[&agent.id, &now],
         )
@@ -817,7 +817,7 @@ pub(super) async fn record_results(
     let verdicts: Vec<&str> = mine.iter().map(|r| verdict_str(r.verdict)).collect();
     let kept: Vec<serde_json::Value> = mine.iter().map(|r| json(&for_storage(r))).collect();
     let inserted: Vec<(Uuid, Uuid)> = tx
-        .query(
+        .query_cached(
             "INSERT INTO check_results (endpoint_id, id, agent_id, location, checked_at, verdict, received_at, result) \
              SELECT u.endpoint_id, u.id, $3, $4, u.checked_at, u.verdict, $5, u.result \
              FROM UNNEST($1::uuid[], $2::uuid[], $6::timestamptz[], $7::text[], $8::jsonb[]) \
@@ -864,7 +864,7 @@ pub(super) async fn list_results(
 ) -> Result<Option<(i64, Vec<StoredResult>)>> {
     let client = s.client().await?;
     let exists = client
-        .query_opt(
+        .query_opt_cached(
             "SELECT 1 FROM endpoints WHERE id = $1 AND ($2::uuid IS NULL OR org_id = $2)",
             &[&endpoint_id, &scope.org()],
         )
@@ -877,7 +877,7 @@ pub(super) async fn list_results(
     let condition = "endpoint_id = $1 AND ($2::text IS NULL OR location = $2) \
         AND ($3::timestamptz IS NULL OR checked_at >= $3) AND ($4::timestamptz IS NULL OR checked_at < $4)";
     let count: i64 = client
-        .query_one(
+        .query_one_cached(
             &format!("SELECT count(*) FROM check_results WHERE {condition}"),
             &[&endpoint_id, &filter.location, &filter.since, &filter.until],
         )
@@ -885,7 +885,7 @@ pub(super) async fn list_results(
         .map_err(db_err)?
         .get(0);
     let rows = client
-        .query(
+        .query_cached(
             &format!("SELECT * FROM check_results WHERE {condition} ORDER BY checked_at DESC, id DESC LIMIT $5 OFFSET $6"),
             &[&endpoint_id, &filter.location, &filter.since, &filter.until, &i64::from(page.page_size), &page.offset()],
         )
@@ -909,7 +909,7 @@ pub(super) async fn list_results(
 pub(super) async fn prune_results(s: &PgStore, before: DateTime<Utc>, limit: i64) -> Result<u64> {
     let client = s.client().await?;
     let n = client
-        .execute(
+        .execute_cached(
             "DELETE FROM check_results WHERE ctid IN \
              (SELECT ctid FROM check_results WHERE checked_at < $1 LIMIT $2)",
             &[&before, &limit],
@@ -917,7 +917,7 @@ pub(super) async fn prune_results(s: &PgStore, before: DateTime<Utc>, limit: i64
         .await
         .map_err(db_err)?;
     client
-        .execute(
+        .execute_cached(
             "DELETE FROM notification_outbox WHERE created_at < $1 \
              AND (sent_at IS NOT NULL OR failed_at IS NOT NULL)",
             &[&before],
@@ -935,7 +935,7 @@ pub(super) async fn create_notifier(
 ) -> Result<Notifier> {
     let client = s.client().await?;
     let row = client
-        .query_one(
+        .query_one_cached(
             "INSERT INTO notifiers (id, org_id, kind, url) VALUES ($1, $2, $3, $4) RETURNING *",
             &[&Uuid::now_v7(), &org_id, &kind, &url],
         )
@@ -947,7 +947,7 @@ pub(super) async fn create_notifier(
 pub(super) async fn list_notifiers(s: &PgStore, scope: Scope) -> Result<Vec<Notifier>> {
     let client = s.client().await?;
     let rows = client
-        .query(
+        .query_cached(
             "SELECT * FROM notifiers WHERE ($1::uuid IS NULL OR org_id = $1) ORDER BY created_at, id",
             &[&scope.org()],
         )
@@ -959,7 +959,7 @@ pub(super) async fn list_notifiers(s: &PgStore, scope: Scope) -> Result<Vec<Noti
 pub(super) async fn delete_notifier(s: &PgStore, scope: Scope, id: Uuid) -> Result<bool> {
     let client = s.client().await?;
     let n = client
-        .execute(
+        .execute_cached(
             "DELETE FROM notifiers WHERE id = $1 AND ($2::uuid IS NULL OR org_id = $2)",
             &[&id, &scope.org()],
         )
@@ -974,7 +974,7 @@ pub(super) async fn create_maintenance_window(
 ) -> Result<MaintenanceWindow> {
     let client = s.client().await?;
     let row = client
-        .query_one(
+        .query_one_cached(
             "INSERT INTO maintenance_windows (id, org_id, starts_at, ends_at, endpoint_ids, reason, created_by) \
              VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING *",
             &[&Uuid::now_v7(), &w.org_id, &w.starts_at, &w.ends_at, &json(&w.endpoint_ids), &w.reason, &w.created_by],
@@ -990,7 +990,7 @@ pub(super) async fn list_maintenance_windows(
 ) -> Result<Vec<MaintenanceWindow>> {
     let client = s.client().await?;
     client
-        .query(
+        .query_cached(
             "SELECT * FROM maintenance_windows WHERE ($1::uuid IS NULL OR org_id = $1) ORDER BY starts_at, id",
             &[&scope.org()],
         )
@@ -1004,7 +1004,7 @@ pub(super) async fn list_maintenance_windows(
 pub(super) async fn delete_maintenance_window(s: &PgStore, scope: Scope, id: Uuid) -> Result<bool> {
     let client = s.client().await?;
     let n = client
-        .execute(
+        .execute_cached(
             "DELETE FROM maintenance_windows WHERE id = $1 AND ($2::uuid IS NULL OR org_id = $2)",
             &[&id, &scope.org()],
         )
@@ -1022,7 +1022,7 @@ pub(super) async fn claim_notifications(
 ) -> Result<Vec<Notification>> {
     let client = s.client().await?;
     let rows = client
-        .query(
+        .query_cached(
             "WITH due AS ( \
                SELECT o.id FROM notification_outbox o \
                WHERE o.sent_at IS NULL AND o.failed_at IS NULL AND o.next_attempt_at <= $2 \
@@ -1069,19 +1069,19 @@ pub(super) async fn settle_notification(
     let held = "id = $1 AND lease_owner = $2 AND sent_at IS NULL AND failed_at IS NULL";
     let n = match outcome {
         Delivery::Sent => client
-            .execute(
+            .execute_cached(
                 &format!("UPDATE notification_outbox SET sent_at = $3, lease_owner = NULL, lease_until = NULL WHERE {held}"),
                 &[&id, &owner, &now],
             )
             .await,
         Delivery::Retry { at, error } => client
-            .execute(
+            .execute_cached(
                 &format!("UPDATE notification_outbox SET next_attempt_at = $3, last_error = $4, lease_owner = NULL, lease_until = NULL WHERE {held}"),
                 &[&id, &owner, at, error],
             )
             .await,
         Delivery::GaveUp { error } => client
-            .execute(
+            .execute_cached(
                 &format!("UPDATE notification_outbox SET failed_at = $3, last_error = $4, lease_owner = NULL, lease_until = NULL WHERE {held}"),
                 &[&id, &owner, &now, error],
             )
