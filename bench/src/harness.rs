@@ -272,8 +272,8 @@ impl Coordinator {
     }
 }
 
-/// A `muster-runner` process with the process executor, enrolled with a
-/// join token; its log is in `<data dir>/runner.log`.
+/// A `muster-runner` process, enrolled with a join token; its log is in
+/// `<data dir>/runner.log`.
 pub struct RunnerProcess {
     _child: tokio::process::Child,
     pub id: String,
@@ -281,13 +281,25 @@ pub struct RunnerProcess {
 }
 
 impl RunnerProcess {
-    /// Starts one with `capacity` slots and waits until the coordinator
-    /// lists it online.
+    /// Starts one with the process executor and `capacity` slots and waits
+    /// until the coordinator lists it online.
     pub async fn start(
         bins: &Binaries,
         coordinator: &Coordinator,
         name: &str,
         capacity: u32,
+    ) -> anyhow::Result<RunnerProcess> {
+        Self::start_with(bins, coordinator, name, capacity, "process").await
+    }
+
+    /// Like [`RunnerProcess::start`], with `executor` (`process`, `docker`
+    /// or `auto`, as `--executor` takes it).
+    pub async fn start_with(
+        bins: &Binaries,
+        coordinator: &Coordinator,
+        name: &str,
+        capacity: u32,
+        executor: &str,
     ) -> anyhow::Result<RunnerProcess> {
         let join = coordinator.api.join_token(true).await?;
         let data_dir = tempfile::Builder::new()
@@ -300,7 +312,7 @@ impl RunnerProcess {
             .arg(data_dir.path())
             .args(["--coordinator", &coordinator.grpc_url()])
             .args(["--ca-cert-hash", &join.ca_cert_hash])
-            .args(["--executor", "process"])
+            .args(["--executor", executor])
             .args(["--capacity", &capacity.to_string()])
             .args(["--name", name])
             .env("MUSTER_JOIN_TOKEN", &join.token)
@@ -473,6 +485,22 @@ impl Api {
             .ok_or_else(|| anyhow!("the trigger answered without an id: {answer}"))
     }
 
+    /// Opens run `run_id`'s live log tail (`text/event-stream`; read it
+    /// with [`crate::sse::Parser`]).
+    pub async fn tail(&self, run_id: &str) -> anyhow::Result<reqwest::Response> {
+        let response = self
+            .http
+            .get(self.url(&format!("/api/v1/action-runs/{run_id}/logs/")))
+            .bearer_auth(&self.key)
+            .header("Accept", "text/event-stream")
+            .send()
+            .await?;
+        if !response.status().is_success() {
+            bail!("the live tail answered {}", response.status());
+        }
+        Ok(response)
+    }
+
     pub async fn run(&self, run_id: &str) -> anyhow::Result<Value> {
         self.get(&format!("/api/v1/action-runs/{run_id}/")).await
     }
@@ -542,7 +570,9 @@ pub const BLOCK: &str = "jobs";
 /// - `flood`: `seq 1 $LINES`, as fast as it can (log ingest),
 /// - `ticker`: `$LINES` numbered lines with the wall-clock time each was
 ///   printed (bash's `$EPOCHREALTIME`), about one a millisecond (live tail);
-///   `read -t` on a pipe nobody writes to waits without starting a process.
+///   `read -t` on a pipe nobody writes to waits without starting a process;
+/// - `ping`: the playbook [`PING_PLAYBOOK`], one play on localhost without
+///   facts and one `ping` task (execution overhead, docker executor).
 pub fn bench_workspace(dir: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir.join("blocks").join(BLOCK))?;
     std::fs::write(
@@ -557,8 +587,16 @@ pub fn bench_workspace(dir: &Path) -> anyhow::Result<()> {
              \x20 - name: flood\n    script: ['seq 1 \"$EXTRA_VARS_LINES\"']\n\
              \x20 - name: ticker\n    script:\n\
              \x20     - 'exec 3<> <(:)'\n\
-             \x20     - 'for i in $(seq 1 \"$EXTRA_VARS_LINES\"); do echo \"$i $EPOCHREALTIME\"; read -t 0.001 -u 3 || true; done'\n"
+             \x20     - 'for i in $(seq 1 \"$EXTRA_VARS_LINES\"); do echo \"$i $EPOCHREALTIME\"; read -t 0.001 -u 3 || true; done'\n\
+             \x20 - name: ping\n    playbook: {PING_PLAYBOOK}\n"
         ),
+    )?;
+    std::fs::write(
+        dir.join("blocks").join(BLOCK).join(PING_PLAYBOOK),
+        "- hosts: localhost\n  gather_facts: false\n  tasks:\n    - ansible.builtin.ping:\n",
     )?;
     Ok(())
 }
+
+/// The trivial playbook of the `ping` action, in the block's directory.
+pub const PING_PLAYBOOK: &str = "ping.yml";

@@ -10,12 +10,15 @@
 //!   procrastinate;
 //! - [`logs`]: log ingest rate and completeness, and live-tail latency;
 //! - [`agents`]: the monitoring agent's checks per second, CPU and memory
-//!   beside Prometheus' blackbox_exporter on the same local HTTP targets.
+//!   beside Prometheus' blackbox_exporter on the same local HTTP targets;
+//! - [`overhead`]: a trivial playbook through the docker executor beside
+//!   `docker run` and ansible-runner.
 
 pub mod agents;
 pub mod dispatch;
 pub mod harness;
 pub mod logs;
+pub mod overhead;
 pub mod peers;
 pub mod sim;
 pub mod sse;

@@ -242,17 +242,7 @@ pub fn parse_tick(line: &str) -> Option<(u64, f64)> {
 
 async fn tail(api: &Api, lines: u64) -> anyhow::Result<Tail> {
     let run_id = api.trigger("ticker", json!({ "lines": lines })).await?;
-    let response = api
-        .http
-        .get(api.url(&format!("/api/v1/action-runs/{run_id}/logs/")))
-        .bearer_auth(&api.key)
-        .header("Accept", "text/event-stream")
-        .send()
-        .await?;
-    if !response.status().is_success() {
-        bail!("the live tail answered {}", response.status());
-    }
-    let mut body = response.bytes_stream();
+    let mut body = api.tail(&run_id).await?.bytes_stream();
     let mut parser = crate::sse::Parser::default();
     // A line may end in the next chunk: what came of it so far.
     let mut partial = String::new();

@@ -131,6 +131,25 @@ enum Scenario {
         #[arg(long)]
         no_exporter: bool,
     },
+    /// A one-task playbook through Muster's docker executor beside `docker
+    /// run` of the same image and ansible-runner (AWX's engine) in-process.
+    Overhead {
+        /// Measured iterations of each.
+        #[arg(long, default_value_t = 20)]
+        iterations: usize,
+        /// Iterations before the measured ones, not counted.
+        #[arg(long, default_value_t = 2)]
+        warmup: usize,
+        /// postgres or sqlite.
+        #[arg(long, default_value = "postgres")]
+        store: String,
+        /// The Python of the virtualenv scripts/bench-env.sh makes (ansible-runner).
+        #[arg(long, env = "MUSTER_BENCH_PYTHON")]
+        python: Option<std::path::PathBuf>,
+        /// Skip ansible-runner and the host's ansible-playbook.
+        #[arg(long)]
+        no_ansible_runner: bool,
+    },
 }
 
 #[tokio::main]
@@ -295,6 +314,30 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             muster_bench::agents::run(&bins, &options)
                 .await
                 .context("agents scenario")
+        }
+        Scenario::Overhead {
+            iterations,
+            warmup,
+            store,
+            python,
+            no_ansible_runner,
+        } => {
+            anyhow::ensure!(
+                (1..=10_000).contains(&iterations),
+                "--iterations: expected 1 to 10000"
+            );
+            anyhow::ensure!(warmup <= 1_000, "--warmup: expected 0 to 1000");
+            let options = muster_bench::overhead::Options {
+                store: StoreKind::parse(&store)?,
+                iterations,
+                warmup,
+                python,
+                ansible_runner: !no_ansible_runner,
+                database_url: cli.database_url,
+            };
+            muster_bench::overhead::run(&bins, &options)
+                .await
+                .context("overhead scenario")
         }
     };
     println!("load average at the end: {}", muster_bench::load_average());

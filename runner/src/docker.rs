@@ -169,23 +169,16 @@ impl DockerExecutor {
         sink: &LogSink,
         cancel: CancellationToken,
     ) -> Result<Outcome, ExecError> {
-        let mut workspace_tar = Vec::new();
-        bundle
-            .write_tar_with_prefix(
-                CONTAINER_WORKSPACE.trim_start_matches('/'),
-                &mut workspace_tar,
-            )
-            .map_err(|e| ExecError::Prepare(e.to_string()))?;
         let vars = serde_json::to_vec_pretty(&plan.vars_for(CONTAINER_WORKSPACE))
             .map_err(|e| ExecError::Prepare(e.to_string()))?;
-        let vars_tar = single_file_tar(CONTAINER_VARS.trim_start_matches('/'), &vars)
-            .map_err(|e| ExecError::Prepare(e.to_string()))?;
-        for tar in [workspace_tar, vars_tar] {
-            let options = UploadToContainerOptionsBuilder::new().path("/").build();
-            self.docker
-                .upload_to_container(id, Some(options), bollard::body_full(Bytes::from(tar)))
-                .await?;
-        }
+        // One upload: the daemon mounts the container's filesystem and
+        // extracts into it in a helper process per upload, which costs more
+        // than a hundred milliseconds on a busy host.
+        let tar = job_tar(bundle, &vars).map_err(|e| ExecError::Prepare(e.to_string()))?;
+        let options = UploadToContainerOptionsBuilder::new().path("/").build();
+        self.docker
+            .upload_to_container(id, Some(options), bollard::body_full(Bytes::from(tar)))
+            .await?;
 
         self.docker.start_container(id, None).await?;
         let follow = LogsOptionsBuilder::new()
@@ -318,8 +311,26 @@ fn files_of_tar(tar: &[u8]) -> Result<Vec<(String, Entry)>, String> {
     Ok(files)
 }
 
-fn single_file_tar(path: &str, data: &[u8]) -> std::io::Result<Vec<u8>> {
-    let mut builder = tar::Builder::new(Vec::new());
+/// The tar uploaded into a job's container at `/`: the workspace under
+/// [`CONTAINER_WORKSPACE`] and `vars` at [`CONTAINER_VARS`].
+fn job_tar(bundle: &Bundle, vars: &[u8]) -> std::io::Result<Vec<u8>> {
+    let mut tar = Vec::new();
+    bundle.write_tar_with_prefix(CONTAINER_WORKSPACE.trim_start_matches('/'), &mut tar)?;
+    // The workspace's archive ends with two zero blocks, which end any
+    // archive for its reader: the vars file goes in their place.
+    let end = tar
+        .len()
+        .checked_sub(1024)
+        .filter(|&end| tar[end..].iter().all(|&b| b == 0))
+        .ok_or_else(|| std::io::Error::other("the workspace archive lacks its end marker"))?;
+    tar.truncate(end);
+    append_file(tar, CONTAINER_VARS.trim_start_matches('/'), vars)
+}
+
+/// `archive` (a tar without its end marker) with the file `path` (and its
+/// directory) appended, ended.
+fn append_file(archive: Vec<u8>, path: &str, data: &[u8]) -> std::io::Result<Vec<u8>> {
+    let mut builder = tar::Builder::new(archive);
     if let Some((dir, _)) = path.rsplit_once('/') {
         let mut header = tar::Header::new_gnu();
         header.set_entry_type(tar::EntryType::Directory);
@@ -334,4 +345,46 @@ fn single_file_tar(path: &str, data: &[u8]) -> std::io::Result<Vec<u8>> {
     header.set_mtime(0);
     builder.append_data(&mut header, path, data)?;
     builder.into_inner()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_workspace_and_the_vars_go_up_in_one_archive() {
+        let bundle = Bundle::from_entries(vec![(
+            "blocks/b/site.yml".to_owned(),
+            Entry::File {
+                data: b"- hosts: localhost\n".to_vec(),
+                executable: false,
+            },
+        )])
+        .unwrap();
+        let tar = job_tar(&bundle, b"{\"a\": 1}").unwrap();
+        // A reader stops at the first end marker: everything must come before it.
+        let mut archive = tar::Archive::new(&tar[..]);
+        let mut found = Vec::new();
+        for entry in archive.entries().unwrap() {
+            let mut entry = entry.unwrap();
+            let path = entry.path().unwrap().to_string_lossy().into_owned();
+            let mut data = String::new();
+            std::io::Read::read_to_string(&mut entry, &mut data).unwrap();
+            found.push((path, data));
+        }
+        let file = |p: &str| {
+            found
+                .iter()
+                .find(|(path, _)| path == p)
+                .map(|(_, d)| d.as_str())
+        };
+        assert_eq!(
+            file("workspace/blocks/b/site.yml"),
+            Some("- hosts: localhost\n")
+        );
+        assert_eq!(file("muster/vars.json"), Some("{\"a\": 1}"));
+        assert_eq!(file("muster/"), Some(""), "{found:?}");
+        assert_eq!(tar.len() % 512, 0);
+        assert!(tar.ends_with(&[0; 1024]));
+    }
 }
