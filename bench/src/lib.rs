@@ -9,10 +9,13 @@
 //!   `pgbench -N` on the same PostgreSQL;
 //! - [`logs`]: log ingest rate and completeness, and live-tail latency;
 //! - [`agents`]: the monitoring agent's checks per second, CPU and memory
-//!   beside Prometheus' blackbox_exporter on the same local HTTP targets.
+//!   beside Prometheus' blackbox_exporter on the same local HTTP targets;
+//! - [`fleet`]: one coordinator holding thousands of simulated runners:
+//!   memory per runner, idle CPU, PostgreSQL connections, dispatch latency.
 
 pub mod agents;
 pub mod dispatch;
+pub mod fleet;
 pub mod harness;
 pub mod logs;
 pub mod sim;
