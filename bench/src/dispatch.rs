@@ -139,7 +139,7 @@ async fn measure(
 
 /// Triggers one run and waits for its lease and for its result to be
 /// acknowledged; returns trigger → lease and trigger → 202.
-async fn one_run(
+pub async fn one_run(
     coordinator: &Coordinator,
     fleet: &mut Fleet,
 ) -> anyhow::Result<(Duration, Duration)> {

@@ -144,7 +144,8 @@ impl Drop for ScratchDb {
     }
 }
 
-async fn connect(url: &str) -> anyhow::Result<tokio_postgres::Client> {
+/// A client of the PostgreSQL server at `url`, its connection driven by a task.
+pub async fn connect(url: &str) -> anyhow::Result<tokio_postgres::Client> {
     let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
         .await
         .context("connecting to PostgreSQL (--database-url, or MUSTER_TEST_DATABASE_URL from scripts/test-env.sh)")?;
@@ -260,6 +261,11 @@ impl Coordinator {
             api: Api::new(format!("http://127.0.0.1:{http}"), admin_key),
             data_dir,
         })
+    }
+
+    /// Its process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self._child.id()
     }
 
     pub fn grpc_url(&self) -> String {

@@ -12,10 +12,13 @@
 //! - [`agents`]: the monitoring agent's checks per second, CPU and memory
 //!   beside Prometheus' blackbox_exporter on the same local HTTP targets;
 //! - [`overhead`]: a trivial playbook through the docker executor beside
-//!   `docker run` and ansible-runner.
+//!   `docker run` and ansible-runner;
+//! - [`fleet`]: one coordinator holding thousands of simulated runners:
+//!   memory per runner, idle CPU, PostgreSQL connections, dispatch latency.
 
 pub mod agents;
 pub mod dispatch;
+pub mod fleet;
 pub mod harness;
 pub mod logs;
 pub mod overhead;

@@ -150,6 +150,34 @@ enum Scenario {
         #[arg(long)]
         no_ansible_runner: bool,
     },
+    /// One coordinator holding many simulated runners on real mTLS streams:
+    /// its memory per runner, idle CPU, PostgreSQL connections, and dispatch
+    /// latency under that load.
+    Fleet {
+        /// Simulated runners to enroll and connect.
+        #[arg(long, default_value_t = 2_000)]
+        runners: usize,
+        /// Enrollments (then stream openings) in flight at once.
+        #[arg(long, default_value_t = 16)]
+        concurrency: usize,
+        /// Seconds the coordinator's CPU and the database's commits are
+        /// measured with every runner connected and heartbeating (a
+        /// connected runner's last-seen time is written once a minute).
+        #[arg(long, default_value_t = 60)]
+        idle_seconds: u64,
+        /// Runs triggered one at a time, after 20 warm-up runs.
+        #[arg(long, default_value_t = 2_000)]
+        runs: usize,
+        /// Runs triggered by concurrent clients afterwards (0: skip).
+        #[arg(long, default_value_t = 2_000)]
+        burst_runs: usize,
+        /// Concurrent clients triggering those runs.
+        #[arg(long, default_value_t = 16)]
+        burst_clients: usize,
+        /// postgres or sqlite.
+        #[arg(long, default_value = "postgres")]
+        store: String,
+    },
 }
 
 #[tokio::main]
@@ -339,7 +367,50 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .await
                 .context("overhead scenario")
         }
+        Scenario::Fleet {
+            runners,
+            concurrency,
+            idle_seconds,
+            runs,
+            burst_runs,
+            burst_clients,
+            store,
+        } => {
+            within("--runners", runners, 1..=20_000)?;
+            within("--concurrency", concurrency, 1..=256)?;
+            within("--idle-seconds", idle_seconds as usize, 1..=3600)?;
+            anyhow::ensure!(runs > 0, "--runs: expected at least 1");
+            within("--burst-clients", burst_clients, 1..=1024)?;
+            anyhow::ensure!(
+                burst_clients <= runners,
+                "--burst-clients: expected at most --runners ({runners}), so every trigger finds an idle runner"
+            );
+            let options = muster_bench::fleet::Options {
+                store: StoreKind::parse(&store)?,
+                runners,
+                concurrency,
+                idle_seconds,
+                runs,
+                burst_runs,
+                burst_clients,
+                database_url: cli.database_url,
+            };
+            muster_bench::fleet::run(&bins, &options)
+                .await
+                .context("fleet scenario")
+        }
     };
     println!("load average at the end: {}", muster_bench::load_average());
     outcome
+}
+
+/// Checks that option `flag` is in `range`.
+fn within(flag: &str, value: usize, range: std::ops::RangeInclusive<usize>) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        range.contains(&value),
+        "{flag}: expected {} to {}, found {value}",
+        range.start(),
+        range.end()
+    );
+    Ok(())
 }

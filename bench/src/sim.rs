@@ -18,7 +18,9 @@ use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::harness::Coordinator;
+use futures_util::{StreamExt, TryStreamExt};
+
+use crate::harness::{Coordinator, JoinToken};
 
 /// What the simulated runners saw, in the order they saw it.
 #[derive(Debug)]
@@ -41,60 +43,65 @@ pub struct Fleet {
     events: mpsc::UnboundedReceiver<Seen>,
     /// Refusals seen so far (see [`Fleet::next`]).
     pub refused: usize,
+    /// Wall time of enrolling every runner (see [`Fleet::connect_with`]).
+    pub enroll_time: Duration,
+    /// Wall time of opening every runner's stream, after enrollment.
+    pub connect_time: Duration,
     stop: CancellationToken,
     _dirs: Vec<tempfile::TempDir>,
 }
 
+/// Enrollments and stream openings in flight at once by default.
+pub const CONNECT_CONCURRENCY: usize = 16;
+
+/// A simulated runner enrolled but not connected yet.
+struct Enrolled {
+    index: usize,
+    config: muster_runner::Config,
+    identity: identity::Identity,
+    dir: tempfile::TempDir,
+}
+
 impl Fleet {
     /// Enrolls `count` runners of capacity 1 (one multi-use join token) and
-    /// opens their streams; returns once the coordinator holds every one.
+    /// opens their streams, [`CONNECT_CONCURRENCY`] at a time; returns once
+    /// the coordinator holds every one.
     pub async fn connect(coordinator: &Coordinator, count: usize) -> anyhow::Result<Fleet> {
+        Self::connect_with(coordinator, count, CONNECT_CONCURRENCY).await
+    }
+
+    /// Like [`Fleet::connect`], with at most `concurrency` enrollments, then
+    /// at most `concurrency` stream openings, in flight at once. Every
+    /// runner is enrolled before the first stream opens, so the two phases
+    /// are timed apart.
+    pub async fn connect_with(
+        coordinator: &Coordinator,
+        count: usize,
+        concurrency: usize,
+    ) -> anyhow::Result<Fleet> {
+        let concurrency = concurrency.max(1);
         let join = coordinator.api.join_token(false).await?;
+        let began = Instant::now();
+        let enrolled: Vec<Enrolled> = futures_util::stream::iter(0..count)
+            .map(|index| enroll(coordinator, &join, index))
+            .buffer_unordered(concurrency)
+            .try_collect()
+            .await?;
+        let enroll_time = began.elapsed();
+
         let (events, rx) = mpsc::unbounded_channel();
         let stop = CancellationToken::new();
-        let mut dirs = Vec::new();
-        for i in 0..count {
-            let dir = tempfile::Builder::new()
-                .prefix("muster-bench-sim-")
-                .tempdir()?;
-            let mut config = muster_runner::Config::for_tests(
-                coordinator.grpc_url(),
-                join.token.clone(),
-                join.ca_cert_hash.clone(),
-                dir.path().to_path_buf(),
-            );
-            config.name = Some(format!("sim-{i}"));
-            config.executor = muster_runner::ExecutorChoice::Process;
-            let identity = identity::load_or_enroll(&config)
-                .await
-                .with_context(|| format!("enrolling simulated runner {i}"))?;
-            let tls = identity::mutual_tls(&identity)?;
-            let channel = identity::channel(&config, tls, &identity::server_name(&config)?).await?;
-            let mut client = RunnerServiceClient::new(channel);
-            let (outbox, outgoing) = mpsc::channel(64);
-            outbox
-                .send(message(runner_message::Kind::Hello(Hello {
-                    capacity: 1,
-                    labels: Default::default(),
-                    version: env!("CARGO_PKG_VERSION").to_owned(),
-                    executors: vec!["process".into()],
-                    active: Vec::new(),
-                })))
-                .await
-                .map_err(|_| anyhow!("the stream closed before Hello"))?;
-            // The answer comes once the coordinator has registered the stream
-            // with its dispatcher: from here on, the runner can get leases.
-            let inbound = client
-                .session(tokio_stream::wrappers::ReceiverStream::new(outgoing))
-                .await
-                .with_context(|| format!("opening the stream of simulated runner {i}"))?
-                .into_inner();
-            tokio::spawn(hold(inbound, outbox, events.clone(), stop.clone()));
-            dirs.push(dir);
-        }
+        let began = Instant::now();
+        let dirs: Vec<tempfile::TempDir> = futures_util::stream::iter(enrolled)
+            .map(|runner| open(runner, events.clone(), stop.clone()))
+            .buffer_unordered(concurrency)
+            .try_collect()
+            .await?;
         Ok(Fleet {
             events: rx,
             refused: 0,
+            enroll_time,
+            connect_time: began.elapsed(),
             stop,
             _dirs: dirs,
         })
@@ -122,6 +129,73 @@ impl Drop for Fleet {
     fn drop(&mut self) {
         self.stop.cancel();
     }
+}
+
+/// Enrolls simulated runner `index` through the runner's own enrollment
+/// code, in a data directory of its own.
+async fn enroll(
+    coordinator: &Coordinator,
+    join: &JoinToken,
+    index: usize,
+) -> anyhow::Result<Enrolled> {
+    let dir = tempfile::Builder::new()
+        .prefix("muster-bench-sim-")
+        .tempdir()?;
+    let mut config = muster_runner::Config::for_tests(
+        coordinator.grpc_url(),
+        join.token.clone(),
+        join.ca_cert_hash.clone(),
+        dir.path().to_path_buf(),
+    );
+    config.name = Some(format!("sim-{index}"));
+    config.executor = muster_runner::ExecutorChoice::Process;
+    let identity = identity::load_or_enroll(&config)
+        .await
+        .with_context(|| format!("enrolling simulated runner {index}"))?;
+    Ok(Enrolled {
+        index,
+        config,
+        identity,
+        dir,
+    })
+}
+
+/// Opens an enrolled runner's mTLS stream, says Hello, and leaves a task
+/// holding the stream; returns once the coordinator has registered it.
+async fn open(
+    runner: Enrolled,
+    events: mpsc::UnboundedSender<Seen>,
+    stop: CancellationToken,
+) -> anyhow::Result<tempfile::TempDir> {
+    let Enrolled {
+        index,
+        config,
+        identity,
+        dir,
+    } = runner;
+    let tls = identity::mutual_tls(&identity)?;
+    let channel = identity::channel(&config, tls, &identity::server_name(&config)?).await?;
+    let mut client = RunnerServiceClient::new(channel);
+    let (outbox, outgoing) = mpsc::channel(64);
+    outbox
+        .send(message(runner_message::Kind::Hello(Hello {
+            capacity: 1,
+            labels: Default::default(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            executors: vec!["process".into()],
+            active: Vec::new(),
+        })))
+        .await
+        .map_err(|_| anyhow!("the stream closed before Hello"))?;
+    // The answer comes once the coordinator has registered the stream
+    // with its dispatcher: from here on, the runner can get leases.
+    let inbound = client
+        .session(tokio_stream::wrappers::ReceiverStream::new(outgoing))
+        .await
+        .with_context(|| format!("opening the stream of simulated runner {index}"))?
+        .into_inner();
+    tokio::spawn(hold(inbound, outbox, events, stop));
+    Ok(dir)
 }
 
 fn message(kind: runner_message::Kind) -> RunnerMessage {

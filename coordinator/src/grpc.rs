@@ -43,6 +43,15 @@ const BUNDLE_CHUNK: usize = 1024 * 1024;
 const MAX_LOG_CHUNK: usize = 1024 * 1024;
 /// A PEM certificate signing request is well under 2 KiB.
 const MAX_CSR_PEM: usize = 16 * 1024;
+/// How stale the recorded `last_seen_at` of a connected runner may grow.
+/// Whether a runner is online is its `connected` flag, written at connect
+/// and disconnect; `last_seen_at` only tells when it was last heard of. A
+/// runner heartbeats every 5 s, and recording each heartbeat was a durable
+/// write per runner every 5 to 10 s: with 2,000 runners about 250 commits a
+/// second, which kept most of the database pool busy and made dispatch wait
+/// for a connection. Once a minute is 33 writes a second for 2,000 runners;
+/// a minute's precision is what API keys' `last_used_at` has too.
+const LAST_SEEN_PRECISION: Duration = Duration::from_secs(60);
 /// How soon after a renewal a stream may ask for another: a runner asks at
 /// connect and then hourly, so more is a runner gone wrong.
 const MIN_RENEWAL_INTERVAL: Duration = Duration::from_secs(60);
@@ -419,7 +428,14 @@ impl RunnerService for RunnerServiceImpl {
         };
         tokio::spawn(async move {
             let mut renewer = renewer;
-            let mut last_seen = tokio::time::Instant::now();
+            // Each runner's writes are put at a phase of the minute of its
+            // own (its id's random bits), so a fleet that connected at once
+            // does not write all at once every minute.
+            let phase = Duration::from_millis(
+                (runner_id.as_u128() % LAST_SEEN_PRECISION.as_millis()) as u64,
+            );
+            let now = tokio::time::Instant::now();
+            let mut last_seen = now.checked_sub(phase).unwrap_or(now);
             let failed = CancellationToken::new();
             let mut lanes = Lanes::open(
                 capacity,
@@ -451,7 +467,7 @@ impl RunnerService for RunnerServiceImpl {
                     }
                     None => break,
                 };
-                if last_seen.elapsed() > Duration::from_secs(5) {
+                if last_seen.elapsed() > LAST_SEEN_PRECISION {
                     last_seen = tokio::time::Instant::now();
                     if let Err(error) = store.runner_seen(runner_id, Utc::now()).await {
                         tracing::warn!(%error, "could not record runner heartbeat");
