@@ -24,8 +24,8 @@ use muster_common::plan::JobPlan;
 use tokio_util::sync::CancellationToken;
 
 use crate::executor::{
-    artifacts_from, stop_requested, timeout_of, Collected, ExecError, Outcome, Prepared,
-    MAX_ARTIFACT_BYTES,
+    artifacts_from, stop_requested, timeout_of, Cleanup, Collected, ExecError, Outcome, Prepared,
+    Ran, MAX_ARTIFACT_BYTES,
 };
 use crate::session::{LogSink, Stream};
 
@@ -109,7 +109,7 @@ impl DockerExecutor {
         bundle: &Bundle,
         sink: &LogSink,
         cancel: CancellationToken,
-    ) -> Result<(Outcome, Collected), ExecError> {
+    ) -> Result<Ran, ExecError> {
         let mut env: Vec<String> = plan
             .environment(CONTAINER_WORKSPACE)
             .into_iter()
@@ -146,19 +146,17 @@ impl DockerExecutor {
             .await?;
         let id = created.id;
         let result = self.run_created(&id, plan, bundle, sink, cancel).await;
-        let collected = match &result {
-            Ok(_) => self.collect(&id, plan, bundle).await,
-            Err(_) => Ok(None),
-        };
-        let result = result.map(|outcome| (outcome, collected));
-        let remove = RemoveContainerOptionsBuilder::new()
-            .force(true)
-            .v(true)
-            .build();
-        if let Err(error) = self.docker.remove_container(&id, Some(remove)).await {
-            tracing::warn!(run_id, container = %id, %error, "could not remove the job's container");
+        let remove = remove_container(self.docker.clone(), run_id.to_owned(), id.clone());
+        match result {
+            Ok(outcome) => {
+                let collected = self.collect(&id, plan, bundle).await;
+                Ok((outcome, collected, Cleanup::new(remove)))
+            }
+            Err(error) => {
+                remove.await;
+                Err(error)
+            }
         }
-        result
     }
 
     async fn run_created(
@@ -329,6 +327,17 @@ fn job_tar(bundle: &Bundle, vars: &[u8]) -> std::io::Result<Vec<u8>> {
 
 /// `archive` (a tar without its end marker) with the file `path` (and its
 /// directory) appended, ended.
+/// Removes the job's container (stopped or not) and its anonymous volumes.
+async fn remove_container(docker: Docker, run_id: String, id: String) {
+    let remove = RemoveContainerOptionsBuilder::new()
+        .force(true)
+        .v(true)
+        .build();
+    if let Err(error) = docker.remove_container(&id, Some(remove)).await {
+        tracing::warn!(run_id, container = %id, %error, "could not remove the job's container");
+    }
+}
+
 fn append_file(archive: Vec<u8>, path: &str, data: &[u8]) -> std::io::Result<Vec<u8>> {
     let mut builder = tar::Builder::new(archive);
     if let Some((dir, _)) = path.rsplit_once('/') {

@@ -107,6 +107,35 @@ pub fn artifacts_from(
         .map_err(|e| format!("the job's artifacts cannot be archived: {e}"))
 }
 
+/// What is left to tidy once a job's result is known: its scratch directory
+/// or its container. The runner reports the result first and tidies after,
+/// so neither the coordinator nor the next run waits for a directory tree or
+/// a container to be removed. Dropped without [`Cleanup::run`] (the run's
+/// task aborted), a scratch directory is still removed, synchronously.
+#[must_use = "a job's scratch directory or container stays until its cleanup runs"]
+pub struct Cleanup(Option<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>>);
+
+impl Cleanup {
+    pub fn new(tidy: impl std::future::Future<Output = ()> + Send + 'static) -> Cleanup {
+        Cleanup(Some(Box::pin(tidy)))
+    }
+
+    /// Nothing was left to tidy.
+    pub fn nothing() -> Cleanup {
+        Cleanup(None)
+    }
+
+    pub async fn run(self) {
+        if let Some(tidy) = self.0 {
+            tidy.await;
+        }
+    }
+}
+
+/// A job's end as an executor reports it: how it ended, its artifacts, and
+/// what is left to tidy.
+pub type Ran = (Outcome, Collected, Cleanup);
+
 /// What the executor resolved before starting: which executor runs the job,
 /// the image and its digest (empty for the process executor, which runs on
 /// the host as it is), and a note for the run's log when the choice needs
@@ -213,7 +242,7 @@ impl Executor {
         bundle: &Bundle,
         sink: &LogSink,
         cancel: CancellationToken,
-    ) -> Result<(Outcome, Collected), ExecError> {
+    ) -> Result<Ran, ExecError> {
         match (self, prepared.executor) {
             (Executor::Docker(docker), _) | (Executor::Auto(docker, _), "docker") => {
                 docker

@@ -338,6 +338,8 @@ async fn execute(ctx: Arc<Context_>, lease: Lease) {
 
     // `None`: canceled before the job started.
     let mut timeout_secs = None;
+    // Run once the result is sent.
+    let mut cleanup = None;
     let result: Result<Option<Outcome>, String> = async {
         let plan: JobPlan = serde_json::from_str(&lease.plan_json)
             .map_err(|e| format!("the lease's plan is unreadable: {e}"))?;
@@ -372,11 +374,12 @@ async fn execute(ctx: Arc<Context_>, lease: Lease) {
             sink.write(Stream::System, format!("muster: {note}\n").into_bytes())
                 .await;
         }
-        let (outcome, collected) = ctx
+        let (outcome, collected, tidy) = ctx
             .executor
             .run(&run_id, &prepared, &plan, &bundle, &sink, cancel.clone())
             .await
             .map_err(|e| e.to_string())?;
+        cleanup = Some(tidy);
         let note = match collected {
             Ok(None) => None,
             Ok(Some(artifacts)) => Some(
@@ -429,6 +432,9 @@ async fn execute(ctx: Arc<Context_>, lease: Lease) {
             },
         )
         .await;
+    if let Some(cleanup) = cleanup {
+        cleanup.run().await;
+    }
 }
 
 /// How a run ends, as the coordinator is told.

@@ -25,7 +25,7 @@
 //! seconds once the group is gone.
 
 use std::collections::BTreeMap;
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
 use std::io;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::process::ExitStatusExt;
@@ -45,7 +45,9 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::executor::{artifacts_from, stop_requested, timeout_of, Collected, ExecError, Outcome};
+use crate::executor::{
+    artifacts_from, stop_requested, timeout_of, Cleanup, Collected, ExecError, Outcome, Ran,
+};
 use crate::session::{LogSink, Stream};
 
 /// The workspace root inside a run's scratch directory.
@@ -110,12 +112,15 @@ impl ProcessExecutor {
         sink: &LogSink,
         cancel: CancellationToken,
     ) -> Result<Outcome, ExecError> {
-        self.run_collecting(run_id, plan, bundle, sink, cancel)
-            .await
-            .map(|(outcome, _)| outcome)
+        let (outcome, _, cleanup) = self
+            .run_collecting(run_id, plan, bundle, sink, cancel)
+            .await?;
+        cleanup.run().await;
+        Ok(outcome)
     }
 
-    /// [`ProcessExecutor::run`], also collecting the job's artifacts.
+    /// [`ProcessExecutor::run`], also collecting the job's artifacts, and
+    /// leaving the scratch directory's removal to the caller.
     pub async fn run_collecting(
         &self,
         run_id: &str,
@@ -123,7 +128,7 @@ impl ProcessExecutor {
         bundle: &Bundle,
         sink: &LogSink,
         cancel: CancellationToken,
-    ) -> Result<(Outcome, Collected), ExecError> {
+    ) -> Result<Ran, ExecError> {
         let valid_id = !run_id.is_empty()
             && run_id.len() <= 128
             && run_id
@@ -138,12 +143,16 @@ impl ProcessExecutor {
         let result = self
             .run_in(scratch.path(), run_id, plan, bundle, sink, cancel)
             .await;
-        let collected = match &result {
-            Ok(_) => collect(scratch.path(), plan, bundle).await,
-            Err(_) => Ok(None),
-        };
-        scratch.remove().await;
-        result.map(|outcome| (outcome, collected))
+        match result {
+            Ok(outcome) => {
+                let collected = collect(scratch.path(), plan, bundle).await;
+                Ok((outcome, collected, Cleanup::new(scratch.remove())))
+            }
+            Err(error) => {
+                scratch.remove().await;
+                Err(error)
+            }
+        }
     }
 
     async fn run_in(
@@ -197,10 +206,16 @@ impl ProcessExecutor {
         let Some((program, args)) = argv.split_first() else {
             return Err(ExecError::Prepare("the plan has an empty command".into()));
         };
-        let mut command = tokio::process::Command::new(program);
+        let working_dir = PathBuf::from(plan.working_dir(root_str));
+        // Found here rather than by the child: given a path, the standard
+        // library starts the job with posix_spawn (a vfork), not a fork that
+        // copies the runner's page tables and then tries every PATH entry.
+        let executable = find_on_path(program, env.get(OsStr::new("PATH")), &working_dir);
+        let mut command = tokio::process::Command::new(executable);
         command
+            .arg0(program)
             .args(args)
-            .current_dir(plan.working_dir(root_str))
+            .current_dir(&working_dir)
             .env_clear()
             .envs(&env)
             .stdin(Stdio::null())
@@ -493,6 +508,29 @@ async fn read_pipe(
     }
 }
 
+/// Where `execvp` would find `program`: itself when it names a path, else
+/// the first executable file of that name in a `PATH` entry (relative
+/// entries taken from `cwd`, the job's directory). Unfound, the bare name,
+/// so that starting it fails with "not found" as it would have.
+fn find_on_path(program: &str, path: Option<&OsString>, cwd: &Path) -> PathBuf {
+    if program.contains('/') || program.is_empty() {
+        return PathBuf::from(program);
+    }
+    let Some(path) = path else {
+        return PathBuf::from(program);
+    };
+    for dir in std::env::split_paths(path) {
+        let candidate = cwd.join(dir).join(program);
+        let executable = candidate
+            .metadata()
+            .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0);
+        if executable {
+            return candidate;
+        }
+    }
+    PathBuf::from(program)
+}
+
 /// The exit code, or 128 + the signal, as a shell and Docker report it.
 fn exit_code(status: ExitStatus) -> i64 {
     match (status.code(), status.signal()) {
@@ -725,6 +763,40 @@ mod tests {
         assert_eq!(exit_code(ExitStatus::from_raw(3 << 8)), 3);
         assert_eq!(exit_code(ExitStatus::from_raw(15)), 143);
         assert_eq!(exit_code(ExitStatus::from_raw(9)), 137);
+    }
+
+    #[test]
+    fn programs_are_found_on_the_jobs_path_as_execvp_would() {
+        let dir = tempfile::tempdir().unwrap();
+        let (first, second, job) = (
+            dir.path().join("first"),
+            dir.path().join("second"),
+            dir.path().join("job"),
+        );
+        for d in [&first, &second, &job.join("bin")] {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        let write = |path: &Path, mode: u32| {
+            std::fs::write(path, "#!/bin/sh\n").unwrap();
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+        };
+        // Not executable in the first entry: skipped, as execvp skips it.
+        write(&first.join("tool"), 0o644);
+        write(&second.join("tool"), 0o755);
+        write(&job.join("bin/local"), 0o755);
+        std::fs::create_dir(first.join("dir")).unwrap();
+        let path =
+            std::env::join_paths([first.as_path(), second.as_path(), Path::new("bin")]).unwrap();
+        let find = |program: &str| find_on_path(program, Some(&path), &job);
+        assert_eq!(find("tool"), second.join("tool"));
+        // A relative entry is taken from the job's directory.
+        assert_eq!(find("local"), job.join("bin/local"));
+        // A directory is no program; the unfound keep their bare name.
+        assert_eq!(find("dir"), PathBuf::from("dir"));
+        assert_eq!(find("missing"), PathBuf::from("missing"));
+        // A path is used as given, and without PATH nothing is looked up.
+        assert_eq!(find("./tool"), PathBuf::from("./tool"));
+        assert_eq!(find_on_path("tool", None, &job), PathBuf::from("tool"));
     }
 
     #[test]

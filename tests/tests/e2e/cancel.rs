@@ -85,11 +85,11 @@ async fn cancel_ends_queued_runs_at_once_and_stops_running_containers() -> anyho
         "the log up to the cancel is kept: {log}"
     );
     assert!(log.contains("got SIGTERM"), "SIGTERM came first: {log}");
-    assert_eq!(
-        muster_tests::containers_of_run(&running)?,
-        "",
-        "the container is gone"
-    );
+    // Removed right after the runner reports the result.
+    muster_tests::wait_until(Duration::from_secs(10), "the container to go", || async {
+        Ok(muster_tests::containers_of_run(&running)?.is_empty())
+    })
+    .await?;
 
     // An ended run cannot be canceled again.
     let (code, answer) = c
@@ -137,11 +137,10 @@ async fn a_container_job_past_its_timeout_ends_timed_out() -> anyhow::Result<()>
         let log = c.log(id).await?;
         assert!(log.contains("started"), "{log}");
         assert!(log.contains(&format!("timed out after {secs} s")), "{log}");
-        assert_eq!(
-            muster_tests::containers_of_run(id)?,
-            "",
-            "the container is gone"
-        );
+        muster_tests::wait_until(Duration::from_secs(10), "the container to go", || async {
+            Ok(muster_tests::containers_of_run(id)?.is_empty())
+        })
+        .await?;
     }
     let (code, answer) = c
         .call(
