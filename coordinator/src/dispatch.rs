@@ -5,7 +5,8 @@
 //! bus says a run was queued, when a runner connects or finishes a run, and
 //! on a short fallback tick (a wake-up the bus lost). Claiming is the store's
 //! atomic `claim_run`, so coordinators racing for one run never both lease
-//! it. It also forwards the bus's cancel signals to the runners it holds, and
+//! it. A busy runner's slot is refilled in the transaction that records the
+//! result of the run that held it (`finish_and_claim`), without a pass. It also forwards the bus's cancel signals to the runners it holds, and
 //! closes the stream of a runner that was revoked.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -190,6 +191,39 @@ impl Dispatcher {
         }
     }
 
+    /// The claim that refills the slot run `run_id` holds on `runner_id`
+    /// once it ends, made in the transaction that records its result
+    /// ([`Store::finish_and_claim`]); `None` when that runner takes no
+    /// further run here (not connected to this coordinator, draining, or
+    /// over its capacity even without this run). The run keeps its slot
+    /// until [`Dispatcher::release`] or [`Dispatcher::hand_over`], so no
+    /// dispatch pass fills it meanwhile.
+    pub fn refill(&self, runner_id: Uuid, run_id: Uuid) -> Option<Claim> {
+        let runners = self.runners.lock().expect("dispatcher lock");
+        let slot = runners.get(&runner_id)?;
+        let frees_a_slot =
+            slot.running.contains_key(&run_id) && slot.running.len() <= slot.capacity;
+        frees_a_slot.then(|| Claim {
+            runner_id,
+            runner_org: slot.org,
+            labels: slot.labels.clone(),
+            lease_expires_at: chrono::Utc::now() + self.lease_ttl,
+        })
+    }
+
+    /// Run `ended`'s slot goes to `next`, claimed by [`Dispatcher::refill`]'s
+    /// claim: the lease is sent on the runner's stream, or the run queued
+    /// again if the stream is gone.
+    pub async fn hand_over(
+        &self,
+        runner_id: Uuid,
+        ended: Uuid,
+        next: &Run,
+    ) -> Result<(), crate::store::StoreError> {
+        self.deliver_to(runner_id, next, Some(ended)).await?;
+        Ok(())
+    }
+
     /// A run no longer occupies a slot of its runner.
     pub fn release(&self, runner_id: Uuid, run_id: Uuid) {
         if let Some(slot) = self
@@ -307,7 +341,7 @@ impl Dispatcher {
                 };
                 match self.store.claim_run(&claim).await? {
                     Some(run) => {
-                        if self.deliver(runner_id, &run).await? {
+                        if self.deliver_to(runner_id, &run, None).await? {
                             leased += 1;
                         }
                     }
@@ -322,9 +356,16 @@ impl Dispatcher {
         }
     }
 
-    /// Sends a lease on the runner's stream; if the stream is gone, the run
-    /// goes back to the queue under the same fencing check.
-    async fn deliver(&self, runner_id: Uuid, run: &Run) -> Result<bool, crate::store::StoreError> {
+    /// Sends a lease on the runner's stream, in the slot of run `replacing`
+    /// if given (taken over in one step, so that no pass sees the slot free
+    /// in between); if the stream is gone, the run goes back to the queue
+    /// under the same fencing check.
+    async fn deliver_to(
+        &self,
+        runner_id: Uuid,
+        run: &Run,
+        replacing: Option<Uuid>,
+    ) -> Result<bool, crate::store::StoreError> {
         let lease = CoordinatorMessage {
             kind: Some(coordinator_message::Kind::Lease(Lease {
                 run_id: run.id.to_string(),
@@ -342,6 +383,9 @@ impl Dispatcher {
         let outbox = {
             let mut runners = self.runners.lock().expect("dispatcher lock");
             runners.get_mut(&runner_id).map(|slot| {
+                if let Some(ended) = replacing {
+                    slot.running.remove(&ended);
+                }
                 slot.running.insert(run.id, run.fencing_token);
                 slot.outbox.clone()
             })

@@ -1007,12 +1007,29 @@ async fn finish(
             sha256: finished.log_sha256,
         }),
     };
-    let outcome = store
-        .finish_run(run_id, finished.fencing_token as i64, &end)
-        .await
-        .map_err(store_status)?;
-    dispatcher.release(runner_id, run_id);
-    match outcome {
+    let token = finished.fencing_token as i64;
+    let outcome = match dispatcher.refill(runner_id, run_id) {
+        Some(next) => store.finish_and_claim(run_id, token, &end, &next).await,
+        None => store
+            .finish_run(run_id, token, &end)
+            .await
+            .map(|run| run.map(|run| (run, None))),
+    };
+    let outcome = match outcome {
+        Ok(outcome) => outcome,
+        Err(error) => {
+            dispatcher.release(runner_id, run_id);
+            return Err(store_status(error));
+        }
+    };
+    match &outcome {
+        Some((_, Some(next))) => dispatcher
+            .hand_over(runner_id, run_id, next)
+            .await
+            .map_err(store_status)?,
+        _ => dispatcher.release(runner_id, run_id),
+    }
+    match outcome.map(|(run, _)| run) {
         Some(run) => {
             if run.log_check.as_ref().is_some_and(|c| !c.verified) {
                 tracing::warn!(run_id = %run_id, runner_bytes = end.log_account.as_ref().map(|a| a.bytes), "the stored log does not match the runner's account of it");

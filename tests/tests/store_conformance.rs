@@ -86,6 +86,7 @@ cases![
     release_lease_requeues_only_a_leased_run,
     mark_running_is_fenced,
     finish_run_is_fenced,
+    finish_and_claim_refills_the_runners_slot_in_one_step,
     finish_run_checks_the_stored_log_against_the_runners_account,
     cancel_ends_queued_runs_and_records_requests_for_held_ones,
     heartbeats_extend_only_the_leases_a_runner_holds,
@@ -1804,6 +1805,93 @@ async fn finish_run_is_fenced(s: Arc<dyn Store>) -> Outcome {
         get_run(&s, run.id).await?.status,
         RunStatus::Failed,
     )
+}
+
+async fn finish_and_claim_refills_the_runners_slot_in_one_step(s: Arc<dyn Store>) -> Outcome {
+    let (acme, w) = org_with_workspace(&s, "acme").await?;
+    let (_, other) = org_with_workspace(&s, "globex").await?;
+    let r = runner(&s, Some(acme.id), "r1", &[]).await?;
+    let first = queue(&s, &w).await?;
+    let token = lease(&s, &r).await?.fencing_token;
+    let elsewhere = queue(&s, &other).await?;
+    let second = queue(&s, &w).await?;
+    let third = queue(&s, &w).await?;
+
+    let stale = s
+        .finish_and_claim(
+            first.id,
+            token + 1,
+            &end(RunStatus::Succeeded, now()),
+            &claim_for(&r),
+        )
+        .await?;
+    check_eq("a superseded token finishes nothing", stale.is_none(), true)?;
+    check_eq(
+        "and claims nothing",
+        get_run(&s, second.id).await?.status,
+        RunStatus::Queued,
+    )?;
+
+    let Some((done, next)) = s
+        .finish_and_claim(
+            first.id,
+            token,
+            &end(RunStatus::Succeeded, now()),
+            &claim_for(&r),
+        )
+        .await?
+    else {
+        return Err(anyhow!("the result was not recorded"));
+    };
+    check_eq("the run ended", done.status, RunStatus::Succeeded)?;
+    check_eq("its lease is gone", done.lease_expires_at, None)?;
+    let next = next.ok_or_else(|| anyhow!("nothing claimed for the runner"))?;
+    check_eq(
+        "the runner's oldest queued run of its organization",
+        next.id,
+        second.id,
+    )?;
+    check_eq("leased", next.status, RunStatus::Leased)?;
+    check_eq("to the runner", next.runner_id, Some(r.id))?;
+    check_eq("with a newer token", next.fencing_token > token, true)?;
+    check_eq(
+        "as stored",
+        get_run(&s, second.id).await?.fencing_token,
+        next.fencing_token,
+    )?;
+    check_eq(
+        "another organization's run waits",
+        get_run(&s, elsewhere.id).await?.status,
+        RunStatus::Queued,
+    )?;
+
+    // The last run of the queue, then an empty one.
+    let (_, last) = s
+        .finish_and_claim(
+            second.id,
+            next.fencing_token,
+            &end(RunStatus::Failed, now()),
+            &claim_for(&r),
+        )
+        .await?
+        .ok_or_else(|| anyhow!("the second result was not recorded"))?;
+    let last = last.ok_or_else(|| anyhow!("the third run was not claimed"))?;
+    check_eq("the third", last.id, third.id)?;
+    let (ended, none) = s
+        .finish_and_claim(
+            third.id,
+            last.fencing_token,
+            &end(RunStatus::Succeeded, now()),
+            &claim_for(&r),
+        )
+        .await?
+        .ok_or_else(|| anyhow!("the third result was not recorded"))?;
+    check_eq(
+        "recorded with nothing queued",
+        ended.status,
+        RunStatus::Succeeded,
+    )?;
+    check_eq("nothing left to claim", none.map(|run| run.id), None)
 }
 
 async fn finish_run_checks_the_stored_log_against_the_runners_account(

@@ -572,6 +572,18 @@ pub trait Store: Send + Sync + 'static {
     /// the runner's account in the same transaction, and returns the run as
     /// it is now; `None` when the token does not hold the run.
     async fn finish_run(&self, id: Uuid, token: i64, end: &RunEnd) -> Result<Option<Run>>;
+    /// [`Store::finish_run`], then, in the same transaction and only when
+    /// the result was recorded, [`Store::claim_run`] for `next` (the same
+    /// runner, whose slot the run freed): a busy runner's next lease costs
+    /// no commit of its own. `None` when the token does not hold the run
+    /// (nothing is claimed then).
+    async fn finish_and_claim(
+        &self,
+        id: Uuid,
+        token: i64,
+        end: &RunEnd,
+        next: &Claim,
+    ) -> Result<Option<(Run, Option<Run>)>>;
     /// Stores chunks once per `(run, seq)` and returns the highest contiguous
     /// stored seq, or `Stale` when the token does not hold the run.
     async fn append_logs(

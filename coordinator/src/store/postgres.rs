@@ -30,6 +30,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
         include_str!("migrations/postgres/0007_cluster_settings.sql"),
     ),
     (8, include_str!("migrations/postgres/0008_monitoring.sql")),
+    (9, include_str!("migrations/postgres/0009_queue_order.sql")),
 ];
 
 /// Serialises schema changes between coordinators starting at once.
@@ -178,6 +179,99 @@ macro_rules! run_returning {
             run_joins!()
         )
     };
+}
+
+/// Leases the oldest queued run `claim`'s runner may take (see
+/// [`Store::claim_run`]), on a connection or in a transaction.
+async fn claim_with<C: GenericClient + Sync>(client: &C, claim: &Claim) -> Result<Option<Run>> {
+    // The runner's row is share-locked, so a revocation waits for a claim
+    // in flight and then sees its run among the runner's active ones; a
+    // claim after a revocation finds no runner and takes nothing. It is
+    // locked only once there is a run to take: a row lock makes the
+    // transaction a write, and an empty claim (most dispatch passes)
+    // would wait for a WAL flush for nothing.
+    let row = client
+        .query_opt_cached(
+            run_returning!(
+                "WITH next AS (SELECT muster_next_queued_run($2::uuid, $3::jsonb) AS id), \
+                 runner AS (SELECT id FROM runners WHERE id = $1 AND revoked_at IS NULL \
+                   AND EXISTS (SELECT 1 FROM next WHERE id IS NOT NULL) FOR SHARE) \
+                 UPDATE runs SET status = 'leased', runner_id = $1, fencing_token = nextval('fencing_tokens'), \
+                   attempt = runs.attempt + 1, leased_at = now(), lease_expires_at = $4 \
+                 FROM next, runner WHERE runs.id = next.id RETURNING runs.*"
+            ),
+            &[&claim.runner_id, &claim.runner_org, &labels_json(&claim.labels), &claim.lease_expires_at],
+        )
+        .await
+        .map_err(db_err)?;
+    row.as_ref().map(run_from_row).transpose()
+}
+
+/// Records run `id`'s result in `tx` (see [`Store::finish_run`]).
+async fn finish_with(
+    tx: &deadpool_postgres::Transaction<'_>,
+    id: Uuid,
+    token: i64,
+    end: &RunEnd,
+) -> Result<Option<Run>> {
+    let Some(held) = tx
+        .query_opt_cached(
+            "SELECT log_seq_base FROM runs \
+             WHERE id = $1 AND fencing_token = $2 AND status IN ('leased', 'running') FOR UPDATE",
+            &[&id, &token],
+        )
+        .await
+        .map_err(db_err)?
+    else {
+        return Ok(None);
+    };
+    let log_check = match &end.log_account {
+        None => None,
+        Some(account) => {
+            // The stream delivers a run's messages in order, so every
+            // chunk the runner sent before its result is stored by now.
+            let mut digest = LogDigest::default();
+            let mut after: i64 = held.get(0);
+            while after < end.last_seq {
+                let rows = tx
+                    .query_cached(
+                        "SELECT seq, data FROM run_logs WHERE run_id = $1 AND seq > $2 AND seq <= $3 \
+                         ORDER BY seq LIMIT $4",
+                        &[&id, &after, &end.last_seq, &LOG_CHECK_PAGE],
+                    )
+                    .await
+                    .map_err(db_err)?;
+                let Some(last) = rows.last() else { break };
+                after = last.get(0);
+                for row in &rows {
+                    digest.update(row.get::<_, &[u8]>(1));
+                }
+            }
+            Some(digest.check(account))
+        }
+    };
+    let row = tx
+        .query_one_cached(
+            run_returning!(
+                "UPDATE runs SET status = $2, exit_code = $3, error = $4, log_last_seq = $5, finished_at = $6, \
+                   lease_expires_at = NULL, log_bytes = $7, log_sha256 = $8, log_verified = $9 \
+                 WHERE id = $1 RETURNING runs.*"
+            ),
+            &[
+                &id,
+                &end.status.as_str(),
+                &end.exit_code,
+                &end.error,
+                &end.last_seq,
+                &end.finished_at,
+                &log_check.as_ref().map(|c| c.bytes),
+                &log_check.as_ref().map(|c| c.sha256.as_str()),
+                &log_check.as_ref().map(|c| c.verified),
+            ],
+        )
+        .await
+        .map_err(db_err)?;
+    run_from_row(&row).map(Some)
 }
 
 const RUN_SELECT: &str = concat!("SELECT ", run_columns!(), " FROM runs r ", run_joins!());
@@ -754,31 +848,8 @@ impl Store for PgStore {
     }
 
     async fn claim_run(&self, claim: &Claim) -> Result<Option<Run>> {
-        // The runner's row is share-locked, so a revocation waits for a claim
-        // in flight and then sees its run among the runner's active ones; a
-        // claim after a revocation finds no runner and takes nothing. It is
-        // locked only once there is a run to take: a row lock makes the
-        // transaction a write, and an empty claim (most dispatch passes)
-        // would wait for a WAL flush for nothing.
         let client = self.client().await?;
-        let row = client
-            .query_opt_cached(
-                run_returning!(
-                    "WITH next AS ( \
-                       SELECT id FROM runs \
-                       WHERE status = 'queued' AND ($2::uuid IS NULL OR org_id = $2) AND $3::jsonb @> runner_labels \
-                       ORDER BY created_at, id LIMIT 1 FOR UPDATE SKIP LOCKED), \
-                     runner AS (SELECT id FROM runners WHERE id = $1 AND revoked_at IS NULL \
-                       AND EXISTS (SELECT 1 FROM next) FOR SHARE) \
-                     UPDATE runs SET status = 'leased', runner_id = $1, fencing_token = nextval('fencing_tokens'), \
-                       attempt = runs.attempt + 1, leased_at = now(), lease_expires_at = $4 \
-                     FROM next, runner WHERE runs.id = next.id RETURNING runs.*"
-                ),
-                &[&claim.runner_id, &claim.runner_org, &labels_json(&claim.labels), &claim.lease_expires_at],
-            )
-            .await
-            .map_err(db_err)?;
-        row.as_ref().map(run_from_row).transpose()
+        claim_with(&client, claim).await
     }
 
     async fn extend_leases(
@@ -1056,65 +1127,26 @@ impl Store for PgStore {
     async fn finish_run(&self, id: Uuid, token: i64, end: &RunEnd) -> Result<Option<Run>> {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(db_err)?;
-        let Some(held) = tx
-            .query_opt_cached(
-                "SELECT log_seq_base FROM runs \
-                 WHERE id = $1 AND fencing_token = $2 AND status IN ('leased', 'running') FOR UPDATE",
-                &[&id, &token],
-            )
-            .await
-            .map_err(db_err)?
-        else {
+        let run = finish_with(&tx, id, token, end).await?;
+        tx.commit().await.map_err(db_err)?;
+        Ok(run)
+    }
+
+    async fn finish_and_claim(
+        &self,
+        id: Uuid,
+        token: i64,
+        end: &RunEnd,
+        next: &Claim,
+    ) -> Result<Option<(Run, Option<Run>)>> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(db_err)?;
+        let Some(run) = finish_with(&tx, id, token, end).await? else {
             return Ok(None);
         };
-        let log_check = match &end.log_account {
-            None => None,
-            Some(account) => {
-                // The stream delivers a run's messages in order, so every
-                // chunk the runner sent before its result is stored by now.
-                let mut digest = LogDigest::default();
-                let mut after: i64 = held.get(0);
-                while after < end.last_seq {
-                    let rows = tx
-                        .query_cached(
-                            "SELECT seq, data FROM run_logs WHERE run_id = $1 AND seq > $2 AND seq <= $3 \
-                             ORDER BY seq LIMIT $4",
-                            &[&id, &after, &end.last_seq, &LOG_CHECK_PAGE],
-                        )
-                        .await
-                        .map_err(db_err)?;
-                    let Some(last) = rows.last() else { break };
-                    after = last.get(0);
-                    for row in &rows {
-                        digest.update(row.get::<_, &[u8]>(1));
-                    }
-                }
-                Some(digest.check(account))
-            }
-        };
-        let row = tx
-            .query_one_cached(
-                run_returning!(
-                    "UPDATE runs SET status = $2, exit_code = $3, error = $4, log_last_seq = $5, finished_at = $6, \
-                       lease_expires_at = NULL, log_bytes = $7, log_sha256 = $8, log_verified = $9 \
-                     WHERE id = $1 RETURNING runs.*"
-                ),
-                &[
-                    &id,
-                    &end.status.as_str(),
-                    &end.exit_code,
-                    &end.error,
-                    &end.last_seq,
-                    &end.finished_at,
-                    &log_check.as_ref().map(|c| c.bytes),
-                    &log_check.as_ref().map(|c| c.sha256.as_str()),
-                    &log_check.as_ref().map(|c| c.verified),
-                ],
-            )
-            .await
-            .map_err(db_err)?;
+        let next = claim_with(&tx, next).await?;
         tx.commit().await.map_err(db_err)?;
-        run_from_row(&row).map(Some)
+        Ok(Some((run, next)))
     }
 
     async fn append_logs(

@@ -374,6 +374,89 @@ fn run_from_row(row: &Row<'_>) -> Result<Run> {
     })
 }
 
+/// Records run `id`'s result in `tx` (see [`Store::finish_run`]).
+fn finish_in(tx: &Connection, id: &str, token: i64, end: &RunEnd) -> Result<Option<Run>> {
+    let base: Option<i64> = tx
+        .query_row(
+            "SELECT log_seq_base FROM runs \
+             WHERE id = ?1 AND fencing_token = ?2 AND status IN ('leased', 'running')",
+            params![id, token],
+            |row| row.get(0),
+        )
+        .optional()?;
+    let Some(base) = base else {
+        return Ok(None);
+    };
+    let log_check = match &end.log_account {
+        None => None,
+        Some(account) => {
+            // The stream delivers a run's messages in order, so every
+            // chunk the runner sent before its result is stored by now.
+            let mut digest = LogDigest::default();
+            let mut stored = tx.prepare(
+                "SELECT data FROM run_logs WHERE run_id = ?1 AND seq > ?2 AND seq <= ?3 ORDER BY seq",
+            )?;
+            let mut rows = stored.query(params![id, base, end.last_seq])?;
+            while let Some(row) = rows.next()? {
+                digest.update(row.get_ref(0)?.as_blob().map_err(rusqlite::Error::from)?);
+            }
+            Some(digest.check(account))
+        }
+    };
+    tx.execute(
+        "UPDATE runs SET status = ?2, exit_code = ?3, error = ?4, log_last_seq = ?5, finished_at = ?6, \
+           lease_expires_at = NULL, log_bytes = ?7, log_sha256 = ?8, log_verified = ?9 \
+         WHERE id = ?1",
+        params![
+            id,
+            end.status.as_str(),
+            end.exit_code,
+            end.error,
+            end.last_seq,
+            micros(end.finished_at),
+            log_check.as_ref().map(|c| c.bytes),
+            log_check.as_ref().map(|c| c.sha256.clone()),
+            log_check.as_ref().map(|c| c.verified)
+        ],
+    )?;
+    run_by_id(tx, id)
+}
+
+/// Leases the oldest queued run `claim`'s runner may take, in `tx` (see
+/// [`Store::claim_run`]).
+fn claim_in(tx: &Connection, claim: &Claim) -> Result<Option<Run>> {
+    let runner_id = id_text(claim.runner_id);
+    let next: Option<String> = tx
+        .query_row(
+            CLAIM_NEXT,
+            params![
+                opt_id_text(claim.runner_org),
+                labels_text(&claim.labels),
+                runner_id
+            ],
+            |row| row.get(0),
+        )
+        .optional()?;
+    let Some(id) = next else { return Ok(None) };
+    let token: i64 = tx.query_row(
+        "UPDATE fencing_tokens SET last = last + 1 WHERE id = 1 RETURNING last",
+        [],
+        |row| row.get(0),
+    )?;
+    tx.execute(
+        "UPDATE runs SET status = 'leased', runner_id = ?2, fencing_token = ?3, \
+           attempt = attempt + 1, leased_at = ?4, lease_expires_at = ?5 WHERE id = ?1",
+        params![
+            id,
+            runner_id,
+            token,
+            now_micros(),
+            micros(claim.lease_expires_at)
+        ],
+    )?;
+    run_by_id(tx, &id)
+}
+
 fn run_by_id(conn: &Connection, id: &str) -> Result<Option<Run>> {
     query_opt(
         conn,
@@ -1084,29 +1167,10 @@ impl Store for SqliteStore {
     }
 
     async fn claim_run(&self, claim: &Claim) -> Result<Option<Run>> {
-        let runner_id = id_text(claim.runner_id);
-        let runner_org = opt_id_text(claim.runner_org);
-        let labels = labels_text(&claim.labels);
-        let lease_expires_at = micros(claim.lease_expires_at);
+        let claim = claim.clone();
         self.write(move |conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let next: Option<String> = tx
-                .query_row(CLAIM_NEXT, params![runner_org, labels, runner_id], |row| {
-                    row.get(0)
-                })
-                .optional()?;
-            let Some(id) = next else { return Ok(None) };
-            let token: i64 = tx.query_row(
-                "UPDATE fencing_tokens SET last = last + 1 WHERE id = 1 RETURNING last",
-                [],
-                |row| row.get(0),
-            )?;
-            tx.execute(
-                "UPDATE runs SET status = 'leased', runner_id = ?2, fencing_token = ?3, \
-                   attempt = attempt + 1, leased_at = ?4, lease_expires_at = ?5 WHERE id = ?1",
-                params![id, runner_id, token, now_micros(), lease_expires_at],
-            )?;
-            let run = run_by_id(&tx, &id)?;
+            let run = claim_in(&tx, &claim)?;
             tx.commit()?;
             Ok(run)
         })
@@ -1427,54 +1491,30 @@ impl Store for SqliteStore {
     async fn finish_run(&self, id: Uuid, token: i64, end: &RunEnd) -> Result<Option<Run>> {
         let end = end.clone();
         self.write(move |conn| {
-            let id = id_text(id);
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let base: Option<i64> = tx
-                .query_row(
-                    "SELECT log_seq_base FROM runs \
-                     WHERE id = ?1 AND fencing_token = ?2 AND status IN ('leased', 'running')",
-                    params![id, token],
-                    |row| row.get(0),
-                )
-                .optional()?;
-            let Some(base) = base else {
-                return Ok(None);
-            };
-            let log_check = match &end.log_account {
-                None => None,
-                Some(account) => {
-                    // The stream delivers a run's messages in order, so every
-                    // chunk the runner sent before its result is stored by now.
-                    let mut digest = LogDigest::default();
-                    let mut stored = tx.prepare(
-                        "SELECT data FROM run_logs WHERE run_id = ?1 AND seq > ?2 AND seq <= ?3 ORDER BY seq",
-                    )?;
-                    let mut rows = stored.query(params![id, base, end.last_seq])?;
-                    while let Some(row) = rows.next()? {
-                        digest.update(row.get_ref(0)?.as_blob().map_err(rusqlite::Error::from)?);
-                    }
-                    Some(digest.check(account))
-                }
-            };
-            tx.execute(
-                "UPDATE runs SET status = ?2, exit_code = ?3, error = ?4, log_last_seq = ?5, finished_at = ?6, \
-                   lease_expires_at = NULL, log_bytes = ?7, log_sha256 = ?8, log_verified = ?9 \
-                 WHERE id = ?1",
-                params![
-                    id,
-                    end.status.as_str(),
-                    end.exit_code,
-                    end.error,
-                    end.last_seq,
-                    micros(end.finished_at),
-                    log_check.as_ref().map(|c| c.bytes),
-                    log_check.as_ref().map(|c| c.sha256.clone()),
-                    log_check.as_ref().map(|c| c.verified)
-                ],
-            )?;
-            let run = run_by_id(&tx, &id)?;
+            let run = finish_in(&tx, &id_text(id), token, &end)?;
             tx.commit()?;
             Ok(run)
+        })
+        .await
+    }
+
+    async fn finish_and_claim(
+        &self,
+        id: Uuid,
+        token: i64,
+        end: &RunEnd,
+        next: &Claim,
+    ) -> Result<Option<(Run, Option<Run>)>> {
+        let (end, next) = (end.clone(), next.clone());
+        self.write(move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let Some(run) = finish_in(&tx, &id_text(id), token, &end)? else {
+                return Ok(None);
+            };
+            let next = claim_in(&tx, &next)?;
+            tx.commit()?;
+            Ok(Some((run, next)))
         })
         .await
     }

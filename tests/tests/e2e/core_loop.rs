@@ -247,3 +247,73 @@ async fn runs_go_only_to_runners_with_the_labels_they_require() -> anyhow::Resul
     db.drop_db().await;
     Ok(())
 }
+
+/// A busy runner's freed slot is refilled in the transaction that records
+/// the result of the run that held it. Working through a queue that way, a
+/// runner of capacity 2 never holds a third run, and every run executes once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_runner_works_through_its_queue_never_past_its_capacity() -> anyhow::Result<()> {
+    let db = TestDb::create().await?;
+    let c = TestCoordinator::start(&db).await?;
+    // Each job marks itself in `holding` while it runs and writes how many
+    // marks it saw to `seen`.
+    let shared = tempfile::tempdir()?;
+    let holding = shared.path().join("holding");
+    let seen = shared.path().join("seen");
+    std::fs::create_dir(&holding)?;
+    let ws = tempfile::tempdir()?;
+    std::fs::create_dir_all(ws.path().join("blocks/busy"))?;
+    std::fs::write(
+        ws.path().join("workspace.poly"),
+        "name: busy-ws\norganization: acme\n",
+    )?;
+    std::fs::write(
+        ws.path().join("blocks/busy/block.poly"),
+        format!(
+            "name: busy\nversion: 0.1.0\nactions:\n  - name: hold\n    script:\n      \
+             - mkdir {h}/$MUSTER_RUN_ID\n      - ls {h} | wc -l >> {s}\n      \
+             - sleep 0.3\n      - rmdir {h}/$MUSTER_RUN_ID\n",
+            h = holding.display(),
+            s = seen.display()
+        ),
+    )?;
+    let (status, answer) = c.push_dir(&c.admin_key, ws.path()).await?;
+    assert_eq!(status, 201, "push answered {answer}");
+    // Queued before the runner connects, so that each slot is refilled from
+    // a queue.
+    let mut ids = Vec::new();
+    for _ in 0..12 {
+        ids.push(
+            c.trigger("busy-ws", json!({"block": "busy", "action": "hold"}))
+                .await?,
+        );
+    }
+    let runner = c
+        .start_runner_configured(|r| {
+            r.executor = muster_runner::ExecutorChoice::Process;
+            r.capacity = 2;
+        })
+        .await?;
+    for id in &ids {
+        let run = c.wait_final(id, RUN_DEADLINE).await?;
+        let log = c.log(id).await?;
+        assert_eq!(run["status"], "succeeded", "{run}\n{log}");
+        assert_eq!(run["attempt"], 1, "a run was leased more than once: {run}");
+    }
+    let counts: Vec<usize> = std::fs::read_to_string(&seen)?
+        .lines()
+        .map(|l| l.trim().parse())
+        .collect::<Result<_, _>>()?;
+    assert_eq!(counts.len(), 12, "every run executed once: {counts:?}");
+    let most = counts.iter().copied().max().unwrap_or_default();
+    assert!(
+        most <= 2,
+        "a runner of capacity 2 held {most} runs at once: {counts:?}"
+    );
+    assert_eq!(most, 2, "both slots were used: {counts:?}");
+
+    runner.stop().await;
+    c.stop().await;
+    db.drop_db().await;
+    Ok(())
+}
