@@ -33,6 +33,15 @@ pub struct Config {
     #[arg(long, env = "MUSTER_DATA_DIR", default_value = "./muster-runner-data")]
     pub data_dir: PathBuf,
 
+    /// Where the process executor makes each run's scratch directory
+    /// (default: `work/` in the data directory). The runner owns it: it
+    /// removes what a previous runner process left there at start, so it
+    /// must be a directory of its own, made for it or empty when first
+    /// given. On a tmpfs, short jobs skip the disk; jobs that write much
+    /// want a disk.
+    #[arg(long, env = "MUSTER_WORK_DIR", value_name = "DIR")]
+    pub work_dir: Option<PathBuf>,
+
     /// How many runs this runner executes at once.
     #[arg(long, env = "MUSTER_CAPACITY", default_value_t = 1)]
     pub capacity: u32,
@@ -99,6 +108,7 @@ impl Config {
             join_token_file: None,
             ca_cert_hash: Some(ca_cert_hash),
             data_dir,
+            work_dir: None,
             capacity: 1,
             labels: Vec::new(),
             default_image: "muster/ansible:bookworm".into(),
@@ -106,6 +116,15 @@ impl Config {
             executor: ExecutorChoice::Auto,
             drain_timeout: 5,
             metrics_addr: None,
+        }
+    }
+
+    /// The scratch directories' parent, and whether the runner made it (the
+    /// default inside the data directory) rather than being given it.
+    pub fn work_dir(&self) -> (PathBuf, bool) {
+        match &self.work_dir {
+            Some(dir) => (dir.clone(), false),
+            None => (self.data_dir.join("work"), true),
         }
     }
 

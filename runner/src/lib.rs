@@ -67,7 +67,15 @@ struct Context_ {
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     config.validate().map_err(anyhow::Error::msg)?;
     let metrics_listener = metrics::bind(config.metrics_addr).await?;
-    let work_dir = config.data_dir.join("work");
+    let (work_dir, made_by_runner) = config.work_dir();
+    // Held until the runner returns: no other runner process removes
+    // this one's scratch directories.
+    let _work_lock = {
+        let work_dir = work_dir.clone();
+        tokio::task::spawn_blocking(move || process::claim_work_dir(&work_dir, made_by_runner))
+            .await?
+            .map_err(anyhow::Error::msg)?
+    };
     let leftovers = {
         let work_dir = work_dir.clone();
         tokio::task::spawn_blocking(move || process::remove_leftovers(&work_dir)).await?

@@ -694,6 +694,60 @@ fn make_writable(path: &Path) {
     }
 }
 
+/// The file that marks a directory as a runner's work directory; held
+/// locked while the runner runs.
+pub const WORK_MARKER: &str = ".muster-work";
+
+/// Takes `work_dir` for this runner process: makes it if needed, refuses a
+/// directory it was given that holds files no runner put there (its
+/// contents are removed at start, so `--work-dir /tmp` must not be taken),
+/// and locks its marker so that a second runner process given the same
+/// directory fails at start instead of removing the first one's runs. The
+/// lock lasts as long as the returned file is open. `made_by_runner`: the
+/// default inside the data directory, the runner's own whatever it holds.
+pub fn claim_work_dir(work_dir: &Path, made_by_runner: bool) -> Result<std::fs::File, String> {
+    let shown = work_dir.display();
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(work_dir)
+        .map_err(|e| format!("work directory {shown}: {e}"))?;
+    let marker = work_dir.join(WORK_MARKER);
+    if !made_by_runner && !marker.exists() {
+        let mut entries =
+            std::fs::read_dir(work_dir).map_err(|e| format!("work directory {shown}: {e}"))?;
+        if let Some(entry) = entries.next() {
+            let name = entry
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .unwrap_or_default();
+            return Err(format!(
+                "--work-dir {shown} holds '{name}', which no runner put there; the runner removes \
+                 what it finds in its work directory at start, so give it a directory of its own \
+                 (new or empty), such as {}",
+                work_dir.join("muster-work").display()
+            ));
+        }
+    }
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&marker)
+        .map_err(|e| format!("work directory {shown}: {}: {e}", marker.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(format!(
+            "work directory {shown} is in use by another runner process; give each runner a \
+             work directory of its own"
+        )),
+        Err(std::fs::TryLockError::Error(e)) => Err(format!(
+            "work directory {shown}: locking {}: {e}",
+            marker.display()
+        )),
+    }
+}
+
 /// Removes the scratch directories below `work_dir` that a previous runner
 /// process left when it stopped without cleaning up (those runs are over:
 /// the coordinator records them as lost), after killing the jobs still
@@ -708,6 +762,9 @@ pub fn remove_leftovers(work_dir: &Path) -> io::Result<usize> {
     let mut removed = 0;
     for entry in entries {
         let path = entry?.path();
+        if path.file_name() == Some(OsStr::new(WORK_MARKER)) {
+            continue;
+        }
         if path.symlink_metadata()?.is_dir() {
             if let Some(run_id) = path.file_name().and_then(|n| n.to_str()) {
                 stop_leftover_job(&path, run_id);
@@ -856,6 +913,45 @@ mod tests {
             child.kill().unwrap();
             child.wait().unwrap();
         }
+    }
+
+    #[test]
+    fn a_given_work_dir_must_be_the_runners_own_and_one_runners_at_a_time() {
+        let parent = tempfile::tempdir().unwrap();
+        std::fs::write(parent.path().join("someone-elses"), b"x").unwrap();
+        let error = claim_work_dir(parent.path(), false).unwrap_err();
+        assert!(error.contains("'someone-elses'"), "{error}");
+        assert!(error.contains("--work-dir"), "{error}");
+        assert!(
+            parent.path().join("someone-elses").exists(),
+            "nothing removed"
+        );
+
+        let dir = parent.path().join("work");
+        let held = claim_work_dir(&dir, false).expect("a new directory is taken");
+        let error = claim_work_dir(&dir, false).unwrap_err();
+        assert!(error.contains("in use by another runner"), "{error}");
+        drop(held);
+
+        // Taken before, so a previous runner's leftovers do not bar it; they
+        // are removed, the marker stays.
+        std::fs::create_dir(dir.join("run-1")).unwrap();
+        let _held = claim_work_dir(&dir, false).expect("the marker makes it the runner's");
+        assert_eq!(remove_leftovers(&dir).unwrap(), 1);
+        let left: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left, [OsString::from(WORK_MARKER)]);
+    }
+
+    #[test]
+    fn the_default_work_dir_is_taken_whatever_it_holds() {
+        let data = tempfile::tempdir().unwrap();
+        let dir = data.path().join("work");
+        std::fs::create_dir_all(dir.join("run-from-an-older-runner")).unwrap();
+        let _held = claim_work_dir(&dir, true).unwrap();
+        assert!(dir.join(WORK_MARKER).exists());
     }
 
     #[test]

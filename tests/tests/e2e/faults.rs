@@ -552,3 +552,83 @@ async fn job_started(c: &TestCoordinator, run_id: &str, line: &str) -> anyhow::R
     })
     .await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runner_given_a_work_dir_runs_jobs_there_and_keeps_it_to_itself() -> anyhow::Result<()> {
+    let (db, c, _ws) = setup().await?;
+    // A tmpfs where the machine has one, as an operator would choose.
+    let parent = match std::path::Path::new("/dev/shm").is_dir() {
+        true => tempfile::tempdir_in("/dev/shm")?,
+        false => tempfile::tempdir()?,
+    };
+    let work = parent.path().join("work");
+    let work_arg = work.to_str().expect("a UTF-8 temporary path");
+    let mut runner = c
+        .start_runner_process(&["--executor", "process", "--work-dir", work_arg])
+        .await?;
+    let run_id = c
+        .trigger("faults", json!({"block": "jobs", "action": "hang"}))
+        .await?;
+    let pid = job_pid(&c, &run_id, "started as ").await?;
+    let cwd = std::fs::read_link(format!("/proc/{pid}/cwd"))?;
+    assert!(
+        cwd.starts_with(work.join(&run_id)),
+        "the job runs in its scratch directory under --work-dir: {}",
+        cwd.display()
+    );
+
+    // A second runner process given the same directory would remove the
+    // first one's runs at start: it refuses instead, before enrolling.
+    let second = c
+        .start_runner_process(&["--executor", "process", "--work-dir", work_arg])
+        .await;
+    let error = format!(
+        "{:#}",
+        second.err().expect("the second runner must not start")
+    );
+    assert!(error.contains("in use by another runner"), "{error}");
+
+    // A directory holding someone else's files is refused, and kept.
+    std::fs::write(parent.path().join("notes.txt"), b"mine")?;
+    let foreign = parent.path().to_str().expect("a UTF-8 temporary path");
+    let refused = c
+        .start_runner_process(&["--executor", "process", "--work-dir", foreign])
+        .await;
+    let error = format!(
+        "{:#}",
+        refused.err().expect("a shared directory is refused")
+    );
+    assert!(
+        error.contains("'notes.txt'") || error.contains("'work'"),
+        "{error}"
+    );
+    assert!(parent.path().join("notes.txt").exists());
+
+    c.admin(
+        reqwest::Method::POST,
+        &format!("/api/v1/action-runs/{run_id}/cancel/"),
+        None,
+    )
+    .await?;
+    let run = c.wait_final(&run_id, Duration::from_secs(30)).await?;
+    assert_eq!(run["status"], "canceled", "{run}");
+    muster_tests::wait_until(
+        Duration::from_secs(10),
+        "the scratch directory to go",
+        || {
+            let work = work.clone();
+            async move {
+                let left: Vec<_> = std::fs::read_dir(&work)?
+                    .map(|e| e.map(|e| e.file_name()))
+                    .collect::<Result<_, _>>()?;
+                Ok(left == [std::ffi::OsString::from(".muster-work")])
+            }
+        },
+    )
+    .await?;
+
+    runner.kill().await?;
+    c.stop().await;
+    db.drop_db().await;
+    Ok(())
+}
