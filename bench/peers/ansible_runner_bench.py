@@ -3,9 +3,11 @@
 Runs one playbook N times through ansible-runner's Python API, the engine AWX
 uses (`ansible_runner.run(private_data_dir=..., playbook=...)`, which starts
 `ansible-playbook` under its own event handling), and, as a floor, N times as
-a plain `ansible-playbook` process from the same virtualenv. Each is timed
-from the call to its return, after warm-up runs that are not counted. Prints
-one JSON line:
+a plain `ansible-playbook` process from the same virtualenv. The two take
+turns, one iteration each, so that the machine's load touches them alike and
+each pair's difference is ansible-runner's own cost. Each is timed from the
+call to its return, after warm-up runs that are not counted. Prints one JSON
+line (the two lists in the order the pairs ran):
 
     {"ansible_runner": {"version": ..., "ms": [...]},
      "ansible_playbook": {"version": ..., "ms": [...]}}
@@ -78,24 +80,22 @@ def main():
             if done.returncode != 0:
                 fail(f"ansible-playbook exited {done.returncode}:\n{done.stdout}{done.stderr}")
 
-        def timed(step):
-            for _ in range(args.warmup):
+        steps = [through_runner] if args.no_floor else [through_runner, plain]
+        for _ in range(args.warmup):
+            for step in steps:
                 step()
-            durations = []
-            for _ in range(args.iterations):
+        durations = [[] for _ in steps]
+        for _ in range(args.iterations):
+            for step, samples in zip(steps, durations):
                 began = time.perf_counter()
                 step()
-                durations.append((time.perf_counter() - began) * 1000.0)
-            return durations
+                samples.append((time.perf_counter() - began) * 1000.0)
 
         report = {
-            "ansible_runner": {
-                "version": version("ansible-runner"),
-                "ms": timed(through_runner),
-            }
+            "ansible_runner": {"version": version("ansible-runner"), "ms": durations[0]}
         }
         if not args.no_floor:
-            report["ansible_playbook"] = {"version": version("ansible-core"), "ms": timed(plain)}
+            report["ansible_playbook"] = {"version": version("ansible-core"), "ms": durations[1]}
     print(json.dumps(report))
 
 

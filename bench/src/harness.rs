@@ -284,6 +284,8 @@ pub struct RunnerProcess {
     _child: tokio::process::Child,
     pub id: String,
     data_dir: tempfile::TempDir,
+    /// The runner's `--work-dir`, when it was given one.
+    _work_dir: Option<tempfile::TempDir>,
 }
 
 impl RunnerProcess {
@@ -295,7 +297,19 @@ impl RunnerProcess {
         name: &str,
         capacity: u32,
     ) -> anyhow::Result<RunnerProcess> {
-        Self::start_with(bins, coordinator, name, capacity, "process").await
+        Self::start_with(bins, coordinator, name, capacity, "process", None).await
+    }
+
+    /// Like [`RunnerProcess::start`], its jobs' scratch directories in a
+    /// new directory under `work_parent` (its `--work-dir`) when given.
+    pub async fn start_in(
+        bins: &Binaries,
+        coordinator: &Coordinator,
+        name: &str,
+        capacity: u32,
+        work_parent: Option<&Path>,
+    ) -> anyhow::Result<RunnerProcess> {
+        Self::start_with(bins, coordinator, name, capacity, "process", work_parent).await
     }
 
     /// Like [`RunnerProcess::start`], with `executor` (`process`, `docker`
@@ -306,11 +320,20 @@ impl RunnerProcess {
         name: &str,
         capacity: u32,
         executor: &str,
+        work_parent: Option<&Path>,
     ) -> anyhow::Result<RunnerProcess> {
         let join = coordinator.api.join_token(true).await?;
         let data_dir = tempfile::Builder::new()
             .prefix("muster-bench-runner-")
             .tempdir()?;
+        let work_dir = work_parent
+            .map(|parent| {
+                tempfile::Builder::new()
+                    .prefix("muster-bench-work-")
+                    .tempdir_in(parent)
+                    .with_context(|| format!("a work directory in {}", parent.display()))
+            })
+            .transpose()?;
         let log_path = data_dir.path().join("runner.log");
         let log = std::fs::File::create(&log_path)?;
         let mut child = tokio::process::Command::new(&bins.runner)
@@ -321,6 +344,11 @@ impl RunnerProcess {
             .args(["--executor", executor])
             .args(["--capacity", &capacity.to_string()])
             .args(["--name", name])
+            .args(
+                work_dir
+                    .iter()
+                    .flat_map(|dir| ["--work-dir".as_ref(), dir.path().as_os_str()]),
+            )
             .env("MUSTER_JOIN_TOKEN", &join.token)
             .env_remove("MUSTER_JOIN_TOKEN_FILE")
             .stdin(std::process::Stdio::null())
@@ -364,6 +392,7 @@ impl RunnerProcess {
             _child: child,
             id: id.unwrap_or_default(),
             data_dir,
+            _work_dir: work_dir,
         })
     }
 

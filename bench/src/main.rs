@@ -64,6 +64,12 @@ enum Scenario {
         /// Capacity of each runner (default: twice the cores).
         #[arg(long)]
         capacity: Option<u32>,
+        /// Where the runners' jobs get their scratch directories (each
+        /// runner's `--work-dir`, a new directory under this one); by
+        /// default the runner's data directory, in the system's temporary
+        /// directory.
+        #[arg(long, value_name = "DIR")]
+        runner_work_dir: Option<std::path::PathBuf>,
         /// postgres or sqlite (pgbench runs only beside postgres).
         #[arg(long, default_value = "postgres")]
         store: String,
@@ -236,6 +242,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             clients,
             runner_processes,
             capacity,
+            runner_work_dir,
             store,
             no_pgbench,
             pgbench_seconds,
@@ -270,6 +277,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 clients,
                 runner_processes,
                 capacity,
+                runner_work_dir,
                 pgbench: !no_pgbench,
                 pgbench_seconds,
                 pgbench_scale,

@@ -257,7 +257,8 @@ pub async fn run(bins: &Binaries, options: &Options) -> anyhow::Result<()> {
     let measured = async {
         coordinator.api.push_bench_workspace().await?;
         runner = Some(
-            RunnerProcess::start_with(bins, &coordinator, "bench-overhead", 1, "docker").await?,
+            RunnerProcess::start_with(bins, &coordinator, "bench-overhead", 1, "docker", None)
+                .await?,
         );
         eprintln!(
             "overhead: {} warm-up and {} measured iterations of Muster ({}, docker executor), \
@@ -700,6 +701,23 @@ fn print_tables(
         overhead.row(vec![
             "ansible-runner's own, over `ansible-playbook` on the host: p50 − p50".into(),
             ms(p50(&peer.runner_ms) - p50(&peer.playbook_ms)),
+        ]);
+        // The peer alternates the two as Muster and `docker run` alternate,
+        // so each engine's own cost over running the playbook directly is
+        // read the same way on both sides.
+        let peer_paired: Vec<f64> = peer
+            .runner_ms
+            .iter()
+            .zip(&peer.playbook_ms)
+            .map(|(r, p)| r - p)
+            .collect();
+        overhead.row(vec![
+            "ansible-runner's own, over `ansible-playbook` on the host: median of the paired differences".into(),
+            ms(p50(&peer_paired)),
+        ]);
+        overhead.row(vec![
+            "Muster's own minus ansible-runner's own, medians of the paired differences (negative: Muster adds less)".into(),
+            ms(p50(&paired) - p50(&peer_paired)),
         ]);
     }
     println!();

@@ -25,6 +25,9 @@ pub struct Options {
     pub clients: usize,
     pub runner_processes: usize,
     pub capacity: u32,
+    /// Where each runner's `--work-dir` is made; `None`: the default, in
+    /// the runner's data directory.
+    pub runner_work_dir: Option<PathBuf>,
     pub pgbench: bool,
     pub pgbench_seconds: u64,
     pub pgbench_scale: u32,
@@ -146,10 +149,17 @@ pub async fn run(bins: &Binaries, options: &Options) -> anyhow::Result<()> {
         "vs Muster",
     ]);
     table.row(vec![
-        format!(
-            "Muster ({}, process executor, `true`)",
-            options.store.name()
-        ),
+        match &options.runner_work_dir {
+            None => format!(
+                "Muster ({}, process executor, `true`)",
+                options.store.name()
+            ),
+            Some(dir) => format!(
+                "Muster ({}, process executor, `true`, scratch in {})",
+                options.store.name(),
+                dir.display()
+            ),
+        },
         options.clients.to_string(),
         workers.to_string(),
         options.runs.to_string(),
@@ -246,8 +256,14 @@ async fn measure(bins: &Binaries, options: &Options) -> anyhow::Result<Measured>
         coordinator.api.push_bench_workspace().await?;
         for i in 0..options.runner_processes {
             runners.push(
-                RunnerProcess::start(bins, &coordinator, &format!("bench-{i}"), options.capacity)
-                    .await?,
+                RunnerProcess::start_in(
+                    bins,
+                    &coordinator,
+                    &format!("bench-{i}"),
+                    options.capacity,
+                    options.runner_work_dir.as_deref(),
+                )
+                .await?,
             );
         }
         let api = &coordinator.api;
