@@ -10,12 +10,15 @@
 //!   the workspace bind-mounted at the path the executor uploads it to, and
 //!   as `docker run --rm <image> true` (the container alone);
 //! - through ansible-runner, AWX's engine, in-process from Python
-//!   (`bench/peers/ansible_runner_bench.py`), and as plain `ansible-playbook`
-//!   from the same virtualenv on the host, the floor.
+//!   (`bench/peers/ansible_runner_bench.py`), as plain `ansible-playbook`
+//!   from the same virtualenv on the host, the floor, and through
+//!   ansible-runner with process isolation in the same image under docker,
+//!   as AWX runs a job in an execution environment.
 //!
 //! Muster and the two `docker run`s take turns, one iteration each, so a
 //! change in the machine's load touches all three alike; the Python program
-//! runs its iterations afterwards, in one process.
+//! runs its iterations afterwards, in one process, its three sides taking
+//! turns the same way.
 //!
 //! Where the time goes: the daemon's own events (`docker events`: a
 //! container created, started, died, destroyed) put the container's life on
@@ -221,6 +224,9 @@ struct Peer {
     runner_ms: Vec<f64>,
     core_version: String,
     playbook_ms: Vec<f64>,
+    /// ansible-runner with process isolation in [`IMAGE`] (docker), as AWX
+    /// runs a job in an execution environment.
+    contained_ms: Vec<f64>,
 }
 
 pub async fn run(bins: &Binaries, options: &Options) -> anyhow::Result<()> {
@@ -305,7 +311,7 @@ pub async fn run(bins: &Binaries, options: &Options) -> anyhow::Result<()> {
     let peer = match python {
         Some(python) => {
             eprintln!(
-                "overhead: {} warm-up and {} measured iterations of ansible-runner, then of ansible-playbook",
+                "overhead: {} warm-up and {} measured iterations of ansible-runner, ansible-playbook and ansible-runner in docker, in turn",
                 options.warmup, options.iterations
             );
             Some(
@@ -572,6 +578,7 @@ async fn ansible_runner_peer(
         .args(["--playbook", PING_PLAYBOOK])
         .args(["--iterations", &options.iterations.to_string()])
         .args(["--warmup", &options.warmup.to_string()])
+        .args(["--container-image", IMAGE])
         .stdin(Stdio::null())
         .kill_on_drop(true)
         .output()
@@ -615,11 +622,13 @@ fn parse_peer(stdout: &str) -> anyhow::Result<Peer> {
     };
     let (runner_version, runner_ms) = part("ansible_runner")?;
     let (core_version, playbook_ms) = part("ansible_playbook")?;
+    let (_, contained_ms) = part("ansible_runner_container")?;
     Ok(Peer {
         runner_version,
         runner_ms,
         core_version,
         playbook_ms,
+        contained_ms,
     })
 }
 
@@ -678,6 +687,13 @@ fn print_tables(
             ),
             &peer.playbook_ms,
         );
+        row(
+            format!(
+                "ansible-runner {} `run()`, process isolation in docker, {IMAGE} (as AWX, in a container)",
+                peer.runner_version
+            ),
+            &peer.contained_ms,
+        );
     }
     println!("\nExecution overhead: a one-task playbook on localhost\n");
     print!("{}", table.render());
@@ -718,6 +734,15 @@ fn print_tables(
         overhead.row(vec![
             "Muster's own minus ansible-runner's own, medians of the paired differences (negative: Muster adds less)".into(),
             ms(p50(&paired) - p50(&peer_paired)),
+        ]);
+        overhead.row(vec![
+            "beside ansible-runner in docker, same image: p50 − p50 (negative: Muster is faster)"
+                .into(),
+            ms(p50(&muster_wall) - p50(&peer.contained_ms)),
+        ]);
+        overhead.row(vec![
+            "ansible-runner in docker, over `docker run`: p50 − p50".into(),
+            ms(p50(&peer.contained_ms) - p50(docker)),
         ]);
     }
     println!();
@@ -791,7 +816,8 @@ mod tests {
     fn the_peers_report_is_read() {
         let peer = parse_peer(
             "noise\n{\"ansible_runner\": {\"version\": \"2.4.3\", \"ms\": [1.5, 2]}, \
-             \"ansible_playbook\": {\"version\": \"2.19.14\", \"ms\": [1]}}\n",
+             \"ansible_playbook\": {\"version\": \"2.19.14\", \"ms\": [1]}, \
+             \"ansible_runner_container\": {\"image\": \"i\", \"ms\": [3]}}\n",
         )
         .unwrap();
         assert_eq!(
@@ -803,6 +829,7 @@ mod tests {
             ("2.4.3", vec![1.5, 2.0], vec![1.0])
         );
         assert_eq!(peer.core_version, "2.19.14");
+        assert_eq!(peer.contained_ms, [3.0]);
         let error = |s: &str| format!("{:#}", parse_peer(s).unwrap_err());
         assert!(error("").contains("printed nothing"));
         assert!(error("Traceback").contains("printed 'Traceback'"));
