@@ -2,14 +2,18 @@
 //! arriving on an idle runner's stream, one run at a time, with 1 or more
 //! simulated runners connected (see [`crate::sim`]), on PostgreSQL and on
 //! SQLite. Each run ends `succeeded` before the next is triggered, so every
-//! trigger finds idle runners and an empty queue.
+//! trigger finds idle runners and an empty queue. With `bus`, also across
+//! two coordinators on one PostgreSQL database: the trigger goes to one, the
+//! runners hold their streams to the other, and the wake-up between them
+//! crosses the event bus, a `redis-server` of the benchmark's own.
 
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use serde_json::json;
 
-use crate::harness::{Binaries, Coordinator, ScratchDb, StoreKind};
+use crate::harness::{Api, Binaries, Coordinator, ScratchDb, StoreKind};
+use crate::peers::Redis;
 use crate::sim::{Fleet, Seen};
 use crate::stats::{ms, Summary, Table};
 
@@ -19,6 +23,28 @@ pub struct Options {
     pub runs: usize,
     pub warmup: usize,
     pub database_url: Option<String>,
+    /// Also measure across two coordinators and the Redis event bus.
+    pub bus: bool,
+    /// The redis-server binary for `bus`.
+    pub redis_server: String,
+}
+
+/// Where a configuration triggers and where its runners are.
+#[derive(Clone, Copy)]
+enum Setup {
+    /// One coordinator on `store` takes the triggers and holds the runners.
+    One(StoreKind),
+    /// Two coordinators on one PostgreSQL database and a Redis bus.
+    TwoOverRedis,
+}
+
+impl Setup {
+    fn name(self) -> &'static str {
+        match self {
+            Setup::One(store) => store.name(),
+            Setup::TwoOverRedis => "PostgreSQL, 2 coordinators, Redis bus",
+        }
+    }
 }
 
 /// How long one run may take before the benchmark gives up.
@@ -44,26 +70,30 @@ pub async fn run(bins: &Binaries, options: &Options) -> anyhow::Result<()> {
         "202 p50 ms",
         "202 p99 ms",
     ]);
-    for &store in &options.stores {
+    let mut setups: Vec<Setup> = options.stores.iter().map(|&s| Setup::One(s)).collect();
+    if options.bus {
+        setups.push(Setup::TwoOverRedis);
+    }
+    for setup in setups {
         for &runners in &options.runners {
             eprintln!(
                 "dispatch: {}, {runners} runner(s): {} runs after {} warm-up runs",
-                store.name(),
+                setup.name(),
                 options.runs,
                 options.warmup
             );
-            let m = measure(bins, options, store, runners)
+            let m = measure(bins, options, setup, runners)
                 .await
                 .with_context(|| {
-                    format!("dispatch on {} with {runners} runner(s)", store.name())
+                    format!("dispatch on {} with {runners} runner(s)", setup.name())
                 })?;
             eprintln!(
                 "dispatch: {}, {runners} runner(s): done in {:.1} s",
-                store.name(),
+                setup.name(),
                 m.elapsed.as_secs_f64()
             );
             table.row(vec![
-                store.name().into(),
+                setup.name().into(),
                 runners.to_string(),
                 m.lease.count.to_string(),
                 ms(m.lease.p50),
@@ -84,16 +114,36 @@ pub async fn run(bins: &Binaries, options: &Options) -> anyhow::Result<()> {
 async fn measure(
     bins: &Binaries,
     options: &Options,
-    store: StoreKind,
+    setup: Setup,
     runners: usize,
 ) -> anyhow::Result<Measured> {
-    let db = match store {
-        StoreKind::Postgres => Some(
+    let db = match setup {
+        Setup::One(StoreKind::Postgres) | Setup::TwoOverRedis => Some(
             ScratchDb::create(crate::database_url(&options.database_url)?, "muster_bench").await?,
         ),
-        StoreKind::Sqlite => None,
+        Setup::One(StoreKind::Sqlite) => None,
     };
-    let coordinator = Coordinator::start(bins, db.as_ref()).await?;
+    // For two coordinators: the bus, and the one that takes the triggers.
+    let mut redis_dir = None;
+    let mut redis = None;
+    let mut front = None;
+    let coordinator = match setup {
+        Setup::One(_) => Coordinator::start(bins, db.as_ref()).await?,
+        Setup::TwoOverRedis => {
+            let dir = tempfile::Builder::new()
+                .prefix("muster-bench-redis-")
+                .tempdir()?;
+            let bus = Redis::start(&options.redis_server, dir.path()).await?;
+            let url = bus.url();
+            let back = Coordinator::start_on(bins, db.as_ref(), Some(&url), None).await?;
+            front = Some(
+                Coordinator::start_on(bins, db.as_ref(), Some(&url), Some(&back.api.key)).await?,
+            );
+            (redis_dir, redis) = (Some(dir), Some(bus));
+            back
+        }
+    };
+    let triggers = front.as_ref().map_or(&coordinator.api, |f| &f.api);
     let result = async {
         coordinator.api.push_bench_workspace().await?;
         let mut fleet = Fleet::connect(&coordinator, runners).await?;
@@ -102,7 +152,7 @@ async fn measure(
         let mut accepted = Vec::with_capacity(options.runs);
         let total = options.warmup + options.runs;
         for i in 0..total {
-            let (to_lease, to_202) = one_run(&coordinator, &mut fleet).await?;
+            let (to_lease, to_202) = one_run(triggers, &mut fleet).await?;
             if i >= options.warmup {
                 lease.push(to_lease);
                 accepted.push(to_202);
@@ -129,23 +179,31 @@ async fn measure(
         })
     }
     .await;
-    result.map_err(|e| {
+    let result = result.map_err(|e| {
+        let front = front
+            .as_ref()
+            .map(|f| {
+                format!(
+                    "\nthe coordinator taking the triggers: its log ends:\n{}",
+                    f.log_tail()
+                )
+            })
+            .unwrap_or_default();
         e.context(format!(
-            "the coordinator's log ends:\n{}",
+            "the coordinator's log ends:\n{}{front}",
             coordinator.log_tail()
         ))
-    })
+    });
+    drop((front, coordinator, redis, redis_dir));
+    result
 }
 
 /// Triggers one run and waits for its lease and for its result to be
 /// acknowledged; returns trigger → lease and trigger → 202.
-pub async fn one_run(
-    coordinator: &Coordinator,
-    fleet: &mut Fleet,
-) -> anyhow::Result<(Duration, Duration)> {
+pub async fn one_run(api: &Api, fleet: &mut Fleet) -> anyhow::Result<(Duration, Duration)> {
     let sent = Instant::now();
     let trigger = async {
-        let id = coordinator.api.trigger("noop", json!({})).await?;
+        let id = api.trigger("noop", json!({})).await?;
         anyhow::Ok((id, sent.elapsed()))
     };
     // The lease often arrives before the HTTP answer: wait for both at once.

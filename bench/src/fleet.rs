@@ -180,7 +180,7 @@ async fn measure(
     let mut lease = Vec::with_capacity(options.runs);
     let mut accepted = Vec::with_capacity(options.runs);
     for i in 0..WARMUP + options.runs {
-        let (to_lease, to_202) = crate::dispatch::one_run(coordinator, &mut fleet).await?;
+        let (to_lease, to_202) = crate::dispatch::one_run(&coordinator.api, &mut fleet).await?;
         if i >= WARMUP {
             lease.push(to_lease);
             accepted.push(to_202);

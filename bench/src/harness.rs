@@ -206,6 +206,18 @@ impl Coordinator {
         bins: &Binaries,
         database: Option<&ScratchDb>,
     ) -> anyhow::Result<Coordinator> {
+        Self::start_on(bins, database, None, None).await
+    }
+
+    /// Like [`Coordinator::start`], with the event bus at `redis_url`
+    /// when given. A coordinator joining a database another one set up
+    /// writes no admin key: `admin_key` is the first one's.
+    pub async fn start_on(
+        bins: &Binaries,
+        database: Option<&ScratchDb>,
+        redis_url: Option<&str>,
+        admin_key: Option<&str>,
+    ) -> anyhow::Result<Coordinator> {
         let data_dir = tempfile::Builder::new().prefix("muster-bench-").tempdir()?;
         let (http, grpc) = (free_port()?, free_port()?);
         let log = std::fs::File::create(data_dir.path().join("coordinator.log"))?;
@@ -224,6 +236,9 @@ impl Coordinator {
             .kill_on_drop(true);
         if let Some(db) = database {
             command.env("MUSTER_DATABASE_URL", &db.url);
+        }
+        if let Some(url) = redis_url {
+            command.env("MUSTER_REDIS_URL", url);
         }
         let mut child = command
             .spawn()
@@ -251,10 +266,13 @@ impl Coordinator {
             bail!("{error:#}; its log ends:\n{}", tail_of(&log_path));
         }
         let key_path = data_dir.path().join("admin-api-key");
-        let admin_key = std::fs::read_to_string(&key_path)
-            .with_context(|| format!("the coordinator wrote no {}", key_path.display()))?
-            .trim()
-            .to_owned();
+        let admin_key = match admin_key {
+            Some(key) => key.to_owned(),
+            None => std::fs::read_to_string(&key_path)
+                .with_context(|| format!("the coordinator wrote no {}", key_path.display()))?
+                .trim()
+                .to_owned(),
+        };
         Ok(Coordinator {
             _child: child,
             grpc,

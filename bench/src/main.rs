@@ -47,6 +47,14 @@ enum Scenario {
         /// Stores to measure on, comma-separated: postgres, sqlite.
         #[arg(long, value_delimiter = ',', default_value = "postgres,sqlite")]
         store: Vec<String>,
+        /// Also measure across two coordinators on one PostgreSQL database:
+        /// triggers sent to one, runners connected to the other, the
+        /// wake-up carried by a Redis event bus of the benchmark's own.
+        #[arg(long)]
+        bus: bool,
+        /// The redis-server binary the bus runs on (`--bus`).
+        #[arg(long, default_value = "redis-server")]
+        redis_server: String,
     },
     /// Sustained no-op runs per second through the whole lifecycle with
     /// `muster-runner` processes, beside `pgbench -N` on the same PostgreSQL
@@ -222,6 +230,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             warmup,
             runners,
             store,
+            bus,
+            redis_server,
         } => {
             anyhow::ensure!(runs > 0, "--runs: expected at least 1");
             anyhow::ensure!(
@@ -234,6 +244,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 runs,
                 warmup,
                 database_url: cli.database_url,
+                bus,
+                redis_server,
             };
             muster_bench::dispatch::run(&bins, &options).await
         }

@@ -159,7 +159,7 @@ pub async fn check_python(python: &Path) -> anyhow::Result<()> {
 pub async fn celery(options: &Options<'_>) -> anyhow::Result<Figures> {
     let dir = unpack()?;
     let redis = Redis::start(options.redis_server, dir.path()).await?;
-    let redis_url = format!("redis://127.0.0.1:{}/0", redis.port);
+    let redis_url = redis.url();
     let worker = Owned::spawn(
         "celery worker",
         dir.path(),
@@ -412,14 +412,16 @@ impl Drop for Owned {
 
 /// A `redis-server` of the benchmark's own on a free loopback port, with
 /// Redis' defaults apart from snapshots to disk, which are off.
-struct Redis {
+pub(crate) struct Redis {
     process: Owned,
     port: u16,
     version: String,
 }
 
 impl Redis {
-    async fn start(binary: &str, dir: &Path) -> anyhow::Result<Redis> {
+    /// Starts one from `binary`, its files in `dir`; returns once it
+    /// answers PING.
+    pub(crate) async fn start(binary: &str, dir: &Path) -> anyhow::Result<Redis> {
         let version = tokio::process::Command::new(binary)
             .arg("--version")
             .output()
@@ -466,6 +468,12 @@ impl Redis {
             port,
             version,
         })
+    }
+}
+
+impl Redis {
+    pub(crate) fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
     }
 }
 
