@@ -12,8 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use serde_json::json;
 
-use crate::harness::{Api, Binaries, Coordinator, ScratchDb, StoreKind};
-use crate::peers::Redis;
+use crate::harness::{Api, Binaries, Coordinator, OverBus, ScratchDb, StoreKind};
 use crate::sim::{Fleet, Seen};
 use crate::stats::{ms, Summary, Table};
 
@@ -123,30 +122,23 @@ async fn measure(
         ),
         Setup::One(StoreKind::Sqlite) => None,
     };
-    // For two coordinators: the bus, and the one that takes the triggers.
-    let mut redis_dir = None;
-    let mut redis = None;
-    let mut front = None;
-    let coordinator = match setup {
-        Setup::One(_) => Coordinator::start(bins, db.as_ref()).await?,
-        Setup::TwoOverRedis => {
-            let dir = tempfile::Builder::new()
-                .prefix("muster-bench-redis-")
-                .tempdir()?;
-            let bus = Redis::start(&options.redis_server, dir.path()).await?;
-            let url = bus.url();
-            let back = Coordinator::start_on(bins, db.as_ref(), Some(&url), None).await?;
-            front = Some(
-                Coordinator::start_on(bins, db.as_ref(), Some(&url), Some(&back.api.key)).await?,
-            );
-            (redis_dir, redis) = (Some(dir), Some(bus));
-            back
+    // The runners' coordinator, and for two, the one taking the triggers.
+    let single;
+    let pair;
+    let (coordinator, front) = match (setup, &db) {
+        (Setup::TwoOverRedis, Some(db)) => {
+            pair = OverBus::start(bins, db, &options.redis_server).await?;
+            (&pair.back, Some(&pair.front))
+        }
+        _ => {
+            single = Coordinator::start(bins, db.as_ref()).await?;
+            (&single, None)
         }
     };
-    let triggers = front.as_ref().map_or(&coordinator.api, |f| &f.api);
+    let triggers = front.map_or(&coordinator.api, |f| &f.api);
     let result = async {
         coordinator.api.push_bench_workspace().await?;
-        let mut fleet = Fleet::connect(&coordinator, runners).await?;
+        let mut fleet = Fleet::connect(coordinator, runners).await?;
         let began = Instant::now();
         let mut lease = Vec::with_capacity(options.runs);
         let mut accepted = Vec::with_capacity(options.runs);
@@ -179,9 +171,8 @@ async fn measure(
         })
     }
     .await;
-    let result = result.map_err(|e| {
+    result.map_err(|e| {
         let front = front
-            .as_ref()
             .map(|f| {
                 format!(
                     "\nthe coordinator taking the triggers: its log ends:\n{}",
@@ -193,9 +184,7 @@ async fn measure(
             "the coordinator's log ends:\n{}{front}",
             coordinator.log_tail()
         ))
-    });
-    drop((front, coordinator, redis, redis_dir));
-    result
+    })
 }
 
 /// Triggers one run and waits for its lease and for its result to be

@@ -296,6 +296,39 @@ impl Coordinator {
     }
 }
 
+/// Two coordinators on one PostgreSQL database, woken by each other through
+/// a Redis event bus of the benchmark's own: `back` for the runners, `front`
+/// for the clients, so what a client sees waits for the bus.
+pub struct OverBus {
+    pub back: Coordinator,
+    pub front: Coordinator,
+    _redis: crate::peers::Redis,
+    _redis_dir: tempfile::TempDir,
+}
+
+impl OverBus {
+    pub async fn start(
+        bins: &Binaries,
+        database: &ScratchDb,
+        redis_server: &str,
+    ) -> anyhow::Result<OverBus> {
+        let dir = tempfile::Builder::new()
+            .prefix("muster-bench-redis-")
+            .tempdir()?;
+        let redis = crate::peers::Redis::start(redis_server, dir.path()).await?;
+        let url = redis.url();
+        let back = Coordinator::start_on(bins, Some(database), Some(&url), None).await?;
+        let front =
+            Coordinator::start_on(bins, Some(database), Some(&url), Some(&back.api.key)).await?;
+        Ok(OverBus {
+            back,
+            front,
+            _redis: redis,
+            _redis_dir: dir,
+        })
+    }
+}
+
 /// A `muster-runner` process, enrolled with a join token; its log is in
 /// `<data dir>/runner.log`.
 pub struct RunnerProcess {

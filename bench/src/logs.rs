@@ -9,7 +9,9 @@
 //! - **tail**: a job prints a numbered line with the wall-clock time it was
 //!   printed about every millisecond while a client follows the run's
 //!   `text/event-stream`; the latency of a line is the time it was received
-//!   minus the time it was printed (one machine, one clock).
+//!   minus the time it was printed (one machine, one clock). With `bus`,
+//!   the client follows on a second coordinator of the same database, so
+//!   the lines reach it through the Redis event bus.
 
 use std::time::{Duration, SystemTime};
 
@@ -17,7 +19,7 @@ use anyhow::{anyhow, bail, Context};
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 
-use crate::harness::{Api, Binaries, Coordinator, RunnerProcess, ScratchDb, StoreKind};
+use crate::harness::{Api, Binaries, Coordinator, OverBus, RunnerProcess, ScratchDb, StoreKind};
 use crate::stats::{ms, rate, Summary, Table};
 
 pub struct Options {
@@ -25,6 +27,10 @@ pub struct Options {
     pub lines: u64,
     pub tail_lines: u64,
     pub database_url: Option<String>,
+    /// Follow the tail on a second coordinator, through the Redis bus.
+    pub bus: bool,
+    /// The redis-server binary for `bus`.
+    pub redis_server: String,
 }
 
 /// How often the run is looked at while its log is ingested.
@@ -50,11 +56,25 @@ pub async fn run(bins: &Binaries, options: &Options) -> anyhow::Result<()> {
         ),
         StoreKind::Sqlite => None,
     };
-    let coordinator = Coordinator::start(bins, db.as_ref()).await?;
+    // The runner's coordinator, and with `bus` the one the tail follows on.
+    let single;
+    let pair;
+    let (coordinator, front) = match (options.bus, &db) {
+        (true, Some(db)) => {
+            pair = OverBus::start(bins, db, &options.redis_server).await?;
+            (&pair.back, Some(&pair.front))
+        }
+        (true, None) => bail!("--bus needs PostgreSQL"),
+        (false, _) => {
+            single = Coordinator::start(bins, db.as_ref()).await?;
+            (&single, None)
+        }
+    };
+    let follower = front.map_or(&coordinator.api, |f| &f.api);
     let mut runner = None;
     let result = async {
         coordinator.api.push_bench_workspace().await?;
-        runner = Some(RunnerProcess::start(bins, &coordinator, "bench-logs", 1).await?);
+        runner = Some(RunnerProcess::start(bins, coordinator, "bench-logs", 1).await?);
         // Warm-up: the runner fetches and caches the bundle.
         let warm = coordinator.api.trigger("noop", json!({})).await?;
         expect_success(
@@ -73,7 +93,7 @@ pub async fn run(bins: &Binaries, options: &Options) -> anyhow::Result<()> {
             .await
             .context("log ingest")?;
         eprintln!("logs: tail of {} lines", options.tail_lines);
-        let tail = tail(&coordinator.api, options.tail_lines)
+        let tail = tail(follower, options.tail_lines)
             .await
             .context("live tail")?;
         anyhow::Ok((ingest, tail))
@@ -90,6 +110,13 @@ pub async fn run(bins: &Binaries, options: &Options) -> anyhow::Result<()> {
     let secs = ingest.elapsed.as_secs_f64();
     let mut table = Table::new(&["measure", "value"]);
     table.row(vec!["store".into(), options.store.name().into()]);
+    table.row(vec![
+        "tail followed on".into(),
+        match front {
+            Some(_) => "another coordinator, through the Redis bus".into(),
+            None => "the runner's coordinator".into(),
+        },
+    ]);
     table.row(vec![
         "lines printed (`seq 1 N`)".into(),
         rate(options.lines as f64),

@@ -113,6 +113,14 @@ enum Scenario {
         /// postgres or sqlite.
         #[arg(long, default_value = "postgres")]
         store: String,
+        /// Follow the tail on a second coordinator on the same PostgreSQL
+        /// database, the runner on the first, the lines carried by a Redis
+        /// event bus of the benchmark's own.
+        #[arg(long)]
+        bus: bool,
+        /// The redis-server binary the bus runs on (`--bus`).
+        #[arg(long, default_value = "redis-server")]
+        redis_server: String,
     },
     /// The monitoring agent (`muster-agent` against a real coordinator)
     /// beside Prometheus' blackbox_exporter on the same local HTTP targets:
@@ -303,16 +311,25 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             lines,
             tail_lines,
             store,
+            bus,
+            redis_server,
         } => {
             anyhow::ensure!(
                 lines > 0 && tail_lines > 0,
                 "--lines, --tail-lines: expected at least 1"
             );
+            let store = StoreKind::parse(&store)?;
+            anyhow::ensure!(
+                !bus || store == StoreKind::Postgres,
+                "--bus: coordinators share a PostgreSQL database, not SQLite"
+            );
             let options = muster_bench::logs::Options {
-                store: StoreKind::parse(&store)?,
+                store,
                 lines,
                 tail_lines,
                 database_url: cli.database_url,
+                bus,
+                redis_server,
             };
             muster_bench::logs::run(&bins, &options)
                 .await
