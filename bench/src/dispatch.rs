@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use serde_json::json;
 
-use crate::harness::{Api, Binaries, Coordinator, OverBus, ScratchDb, StoreKind};
+use crate::harness::{Api, Binaries, Coordinators, ScratchDb, StoreKind};
 use crate::sim::{Fleet, Seen};
 use crate::stats::{ms, Summary, Table};
 
@@ -122,20 +122,9 @@ async fn measure(
         ),
         Setup::One(StoreKind::Sqlite) => None,
     };
-    // The runners' coordinator, and for two, the one taking the triggers.
-    let single;
-    let pair;
-    let (coordinator, front) = match (setup, &db) {
-        (Setup::TwoOverRedis, Some(db)) => {
-            pair = OverBus::start(bins, db, &options.redis_server).await?;
-            (&pair.back, Some(&pair.front))
-        }
-        _ => {
-            single = Coordinator::start(bins, db.as_ref()).await?;
-            (&single, None)
-        }
-    };
-    let triggers = front.map_or(&coordinator.api, |f| &f.api);
+    let bus = matches!(setup, Setup::TwoOverRedis).then_some(options.redis_server.as_str());
+    let coordinators = Coordinators::start(bins, db.as_ref(), bus).await?;
+    let (coordinator, triggers) = (&coordinators.back, coordinators.clients());
     let result = async {
         coordinator.api.push_bench_workspace().await?;
         let mut fleet = Fleet::connect(coordinator, runners).await?;
@@ -171,20 +160,7 @@ async fn measure(
         })
     }
     .await;
-    result.map_err(|e| {
-        let front = front
-            .map(|f| {
-                format!(
-                    "\nthe coordinator taking the triggers: its log ends:\n{}",
-                    f.log_tail()
-                )
-            })
-            .unwrap_or_default();
-        e.context(format!(
-            "the coordinator's log ends:\n{}{front}",
-            coordinator.log_tail()
-        ))
-    })
+    result.map_err(|e| e.context(coordinators.log_tails()))
 }
 
 /// Triggers one run and waits for its lease and for its result to be

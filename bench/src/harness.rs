@@ -296,22 +296,34 @@ impl Coordinator {
     }
 }
 
-/// Two coordinators on one PostgreSQL database, woken by each other through
-/// a Redis event bus of the benchmark's own: `back` for the runners, `front`
-/// for the clients, so what a client sees waits for the bus.
-pub struct OverBus {
+/// A scenario's coordinators: one, or two on one PostgreSQL database woken
+/// by each other through a Redis event bus of the benchmark's own, `back`
+/// holding the runners and the other taking the clients, so that what a
+/// client sees has crossed the bus.
+pub struct Coordinators {
+    /// The runners' coordinator.
     pub back: Coordinator,
-    pub front: Coordinator,
-    _redis: crate::peers::Redis,
-    _redis_dir: tempfile::TempDir,
+    /// With a bus: the clients' coordinator and the bus.
+    front: Option<(Coordinator, crate::peers::Redis, tempfile::TempDir)>,
 }
 
-impl OverBus {
+impl Coordinators {
+    /// One coordinator on `database`, or, given `redis_server` (the binary
+    /// the bus runs on), two on it.
     pub async fn start(
         bins: &Binaries,
-        database: &ScratchDb,
-        redis_server: &str,
-    ) -> anyhow::Result<OverBus> {
+        database: Option<&ScratchDb>,
+        redis_server: Option<&str>,
+    ) -> anyhow::Result<Coordinators> {
+        let Some(redis_server) = redis_server else {
+            return Ok(Coordinators {
+                back: Coordinator::start(bins, database).await?,
+                front: None,
+            });
+        };
+        let Some(database) = database else {
+            bail!("two coordinators share a PostgreSQL database, not the embedded SQLite file");
+        };
         let dir = tempfile::Builder::new()
             .prefix("muster-bench-redis-")
             .tempdir()?;
@@ -320,12 +332,34 @@ impl OverBus {
         let back = Coordinator::start_on(bins, Some(database), Some(&url), None).await?;
         let front =
             Coordinator::start_on(bins, Some(database), Some(&url), Some(&back.api.key)).await?;
-        Ok(OverBus {
+        Ok(Coordinators {
             back,
-            front,
-            _redis: redis,
-            _redis_dir: dir,
+            front: Some((front, redis, dir)),
         })
+    }
+
+    /// Whether the clients' coordinator is another than the runners'.
+    pub fn over_bus(&self) -> bool {
+        self.front.is_some()
+    }
+
+    /// The API the clients use.
+    pub fn clients(&self) -> &Api {
+        self.front
+            .as_ref()
+            .map_or(&self.back.api, |(f, _, _)| &f.api)
+    }
+
+    /// The ends of their logs, for an error.
+    pub fn log_tails(&self) -> String {
+        let mut tails = format!("the coordinator's log ends:\n{}", self.back.log_tail());
+        if let Some((front, _, _)) = &self.front {
+            tails += &format!(
+                "\nthe clients' coordinator's log ends:\n{}",
+                front.log_tail()
+            );
+        }
+        tails
     }
 }
 

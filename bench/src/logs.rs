@@ -19,7 +19,7 @@ use anyhow::{anyhow, bail, Context};
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 
-use crate::harness::{Api, Binaries, Coordinator, OverBus, RunnerProcess, ScratchDb, StoreKind};
+use crate::harness::{Api, Binaries, Coordinators, RunnerProcess, ScratchDb, StoreKind};
 use crate::stats::{ms, rate, Summary, Table};
 
 pub struct Options {
@@ -56,21 +56,10 @@ pub async fn run(bins: &Binaries, options: &Options) -> anyhow::Result<()> {
         ),
         StoreKind::Sqlite => None,
     };
-    // The runner's coordinator, and with `bus` the one the tail follows on.
-    let single;
-    let pair;
-    let (coordinator, front) = match (options.bus, &db) {
-        (true, Some(db)) => {
-            pair = OverBus::start(bins, db, &options.redis_server).await?;
-            (&pair.back, Some(&pair.front))
-        }
-        (true, None) => bail!("--bus needs PostgreSQL"),
-        (false, _) => {
-            single = Coordinator::start(bins, db.as_ref()).await?;
-            (&single, None)
-        }
-    };
-    let follower = front.map_or(&coordinator.api, |f| &f.api);
+    let bus = options.bus.then_some(options.redis_server.as_str());
+    let coordinators = Coordinators::start(bins, db.as_ref(), bus).await?;
+    // The tail is followed where clients go: across the bus with `bus`.
+    let (coordinator, follower) = (&coordinators.back, coordinators.clients());
     let mut runner = None;
     let result = async {
         coordinator.api.push_bench_workspace().await?;
@@ -102,8 +91,8 @@ pub async fn run(bins: &Binaries, options: &Options) -> anyhow::Result<()> {
     let (ingest, tail) = result.map_err(|e| {
         let runner_log = runner.as_ref().map(|r| r.log_tail()).unwrap_or_default();
         e.context(format!(
-            "the coordinator's log ends:\n{}\nthe runner's log ends:\n{runner_log}",
-            coordinator.log_tail()
+            "{}\nthe runner's log ends:\n{runner_log}",
+            coordinators.log_tails()
         ))
     })?;
 
@@ -112,9 +101,9 @@ pub async fn run(bins: &Binaries, options: &Options) -> anyhow::Result<()> {
     table.row(vec!["store".into(), options.store.name().into()]);
     table.row(vec![
         "tail followed on".into(),
-        match front {
-            Some(_) => "another coordinator, through the Redis bus".into(),
-            None => "the runner's coordinator".into(),
+        match coordinators.over_bus() {
+            true => "another coordinator, through the Redis bus".into(),
+            false => "the runner's coordinator".into(),
         },
     ]);
     table.row(vec![
