@@ -6,7 +6,8 @@
 //! on a short fallback tick (a wake-up the bus lost). Claiming is the store's
 //! atomic `claim_run`, so coordinators racing for one run never both lease
 //! it. A busy runner's slot is refilled in the transaction that records the
-//! result of the run that held it (`finish_and_claim`), without a pass. It also forwards the bus's cancel signals to the runners it holds, and
+//! result of the run that held it (`finish_and_claim`), without a pass. It
+//! also forwards the bus's cancel signals to the runners it holds, and
 //! closes the stream of a runner that was revoked.
 
 use std::collections::{BTreeMap, HashMap, HashSet};

@@ -325,8 +325,6 @@ fn job_tar(bundle: &Bundle, vars: &[u8]) -> std::io::Result<Vec<u8>> {
     append_file(tar, CONTAINER_VARS.trim_start_matches('/'), vars)
 }
 
-/// `archive` (a tar without its end marker) with the file `path` (and its
-/// directory) appended, ended.
 /// Removes the job's container (stopped or not) and its anonymous volumes.
 async fn remove_container(docker: Docker, run_id: String, id: String) {
     let remove = RemoveContainerOptionsBuilder::new()
@@ -338,6 +336,8 @@ async fn remove_container(docker: Docker, run_id: String, id: String) {
     }
 }
 
+/// `archive` (a tar without its end marker) with the file `path` (and its
+/// directory) appended, ended.
 fn append_file(archive: Vec<u8>, path: &str, data: &[u8]) -> std::io::Result<Vec<u8>> {
     let mut builder = tar::Builder::new(archive);
     if let Some((dir, _)) = path.rsplit_once('/') {

@@ -113,22 +113,15 @@ pub fn artifacts_from(
 /// a container to be removed. Dropped without [`Cleanup::run`] (the run's
 /// task aborted), a scratch directory is still removed, synchronously.
 #[must_use = "a job's scratch directory or container stays until its cleanup runs"]
-pub struct Cleanup(Option<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>>);
+pub struct Cleanup(std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>);
 
 impl Cleanup {
     pub fn new(tidy: impl std::future::Future<Output = ()> + Send + 'static) -> Cleanup {
-        Cleanup(Some(Box::pin(tidy)))
-    }
-
-    /// Nothing was left to tidy.
-    pub fn nothing() -> Cleanup {
-        Cleanup(None)
+        Cleanup(Box::pin(tidy))
     }
 
     pub async fn run(self) {
-        if let Some(tidy) = self.0 {
-            tidy.await;
-        }
+        self.0.await;
     }
 }
 
